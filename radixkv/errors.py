@@ -1,0 +1,35 @@
+"""Typed errors raised by radixkv.
+
+Every error is raised before any state changes, so a caller that catches one can keep using the
+object that raised it.
+"""
+
+from __future__ import annotations
+
+
+class RadixKVError(Exception):
+    """Base class of every error radixkv raises on purpose."""
+
+
+class OutOfSlotsError(RadixKVError):
+    """A pool has fewer free entries (KV slots or request rows) than were asked for."""
+
+
+class InvalidSlotError(RadixKVError, ValueError):
+    """A slot or row index is reserved (slot 0), out of range, or already free (a double free)."""
+
+
+class LockError(RadixKVError):
+    """A tree node was unlocked more often than it was locked."""
+
+
+class InvariantError(RadixKVError, AssertionError):
+    """`check_invariants()` found the radix tree or its pools in an inconsistent state."""
+
+
+class InvalidRequestError(RadixKVError, ValueError):
+    """A request or its sampling parameters are malformed; nothing was allocated."""
+
+
+class ModelLoadError(RadixKVError):
+    """A model file or folder is missing, unsupported or inconsistent."""

@@ -1,0 +1,185 @@
+"""Level 3 of the memory hierarchy: per-token KV slots.
+
+`TokenToKVPool` owns one K and one V buffer per layer, each with one row per token slot, and a
+free-slot allocator. A request's KV may sit in any slots, in any order: the paged attention kernels
+read K/V through slot indices, so shared prefixes are read in place.
+
+Slot 0 is reserved: padded or dummy tokens write there, and it is never handed out. Usable slots are
+1..num_slots. The allocator lives on the CPU (a numpy stack and a bitmap); slot tensors it returns
+are CPU int64 tensors, which the engine moves to the device once per forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from radixkv.errors import InvalidSlotError, OutOfSlotsError
+
+SlotsLike = torch.Tensor | np.ndarray | list[int]
+
+
+def as_slot_array(slots: SlotsLike) -> np.ndarray:
+    """View slot indices as a 1-D int64 numpy array (zero-copy for CPU int64 tensors)."""
+    if isinstance(slots, torch.Tensor):
+        slots = slots.detach()
+        if slots.device.type != "cpu":
+            slots = slots.cpu()
+        arr = slots.numpy()
+    else:
+        arr = np.asarray(slots)
+    if arr.dtype != np.int64:
+        if arr.size and arr.dtype.kind not in "iu":
+            raise InvalidSlotError(f"slot indices must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+    return arr.reshape(-1)
+
+
+class TokenToKVPool:
+    """Per-layer K/V buffers `[num_slots + 1, num_kv_heads, head_dim]` and a free-slot allocator.
+
+    Invariant: every slot in 1..num_slots is either free (on the free stack, bit set in `_is_free`)
+    or owned by exactly one holder (a radix tree node or a running request). `alloc` and `free`
+    check this at the boundary, so a double free raises instead of corrupting the free list.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        for name, value in (("num_slots", num_slots), ("num_layers", num_layers),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_slots = num_slots
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=self.device)
+                          for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=self.device)
+                          for _ in range(num_layers)]
+        # Free stack: the top `_n_free` entries of `_stack` are the free slots. Allocation pops
+        # from the top, so recently freed (cache-warm) slots are reused first.
+        self._stack = np.empty(num_slots, dtype=np.int64)
+        self._is_free = np.zeros(num_slots + 1, dtype=bool)  # index 0 stays False (reserved)
+        self._group: list[np.ndarray] | None = None
+        self.clear()
+
+    # ---- allocator -------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Mark every slot free (the KV contents are left as they are)."""
+        self._stack[:] = np.arange(self.num_slots, 0, -1, dtype=np.int64)  # pops 1, 2, 3, ...
+        self._n_free = self.num_slots
+        self._is_free[1:] = True
+        self._group = None
+
+    def available_size(self) -> int:
+        """Number of free slots."""
+        return self._n_free
+
+    def alloc(self, n: int) -> torch.Tensor:
+        """Take `n` distinct free slots; returns a CPU int64 tensor of shape [n].
+
+        Raises `OutOfSlotsError` (and changes nothing) when fewer than `n` slots are free.
+        """
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of slots ({n})")
+        if n > self._n_free:
+            raise OutOfSlotsError(f"asked for {n} KV slots but only {self._n_free} of "
+                                  f"{self.num_slots} are free")
+        top = self._n_free
+        out = self._stack[top - n:top][::-1].copy()
+        self._n_free = top - n
+        self._is_free[out] = False
+        return torch.from_numpy(out)
+
+    def free(self, slots: SlotsLike) -> None:
+        """Return slots to the free list.
+
+        Raises `InvalidSlotError` for slot 0, an out-of-range slot, a slot that is already free,
+        or a slot listed twice; in every such case nothing is freed.
+        """
+        arr = as_slot_array(slots)
+        if arr.size == 0:
+            return
+        lo, hi = arr.min(), arr.max()
+        if lo < 1 or hi > self.num_slots:
+            bad = lo if lo < 1 else hi
+            what = "slot 0 is reserved" if bad == 0 else f"slot {bad} is out of range"
+            raise InvalidSlotError(f"cannot free: {what} (usable slots are 1..{self.num_slots})")
+        if self._is_free[arr].any():
+            dup = int(arr[self._is_free[arr]][0])
+            raise InvalidSlotError(f"double free of KV slot {dup}")
+        if arr.size > 1 and np.unique(arr).size != arr.size:
+            raise InvalidSlotError("double free: a slot is listed twice in one free() call")
+        self._is_free[arr] = True
+        if self._group is not None:
+            self._group.append(arr)
+            return
+        self._push(arr)
+
+    def _push(self, arr: np.ndarray) -> None:
+        top = self._n_free
+        self._stack[top:top + arr.size] = arr
+        self._n_free = top + arr.size
+
+    @contextmanager
+    def free_group(self) -> Iterator[None]:
+        """Batch the frees made inside the block into one push onto the free list.
+
+        Each `free` is still validated (and marked free) at once, so a double free inside the
+        group raises at the offending call. Slots freed inside the group cannot be allocated
+        until the block exits.
+        """
+        if self._group is not None:  # nested: the outer group flushes
+            yield
+            return
+        self._group = []
+        try:
+            yield
+        finally:
+            group, self._group = self._group, None
+            if group:
+                self._push(group[0] if len(group) == 1 else np.concatenate(group))
+
+    def is_free(self, slots: SlotsLike) -> np.ndarray:
+        """Bool array: which of `slots` are currently free."""
+        return self._is_free[as_slot_array(slots)]
+
+    # ---- KV storage --------------------------------------------------------------------------
+    def get_kv_buffer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V buffers of one layer, each `[num_slots + 1, num_kv_heads, head_dim]`."""
+        return self.k_buffers[layer], self.v_buffers[layer]
+
+    def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V of `len(slots)` tokens: k, v `[n, num_kv_heads, head_dim]` at `slots` `[n]`."""
+        if k.dtype != self.dtype:
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        self.k_buffers[layer][slots] = k
+        self.v_buffers[layer][slots] = v
+
+    def bytes_per_token(self) -> int:
+        """Bytes of K plus V for one token across all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    def total_bytes(self) -> int:
+        """Bytes held by all K/V buffers, the reserved slot 0 included."""
+        return self.bytes_per_token() * (self.num_slots + 1)
+
+    def __repr__(self) -> str:
+        return (f"TokenToKVPool(num_slots={self.num_slots}, free={self._n_free}, "
+                f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device})")

@@ -1,0 +1,99 @@
+"""`NaiveCache`: the prefix cache that caches nothing, for A/B runs against `RadixCache`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from radixkv.errors import LockError
+from radixkv.memory.base_cache import (
+    CacheStats,
+    MatchResult,
+    Namespace,
+    TokensLike,
+    as_token_array,
+)
+from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+class _NoNode:
+    """The only node a NaiveCache hands out: empty, never evicted; locks are only counted."""
+
+    __slots__ = ("lock_ref",)
+
+    def __init__(self) -> None:
+        self.lock_ref = 0
+
+
+class NaiveCache:
+    """Same interface as `RadixCache`; every match is a miss and `insert` keeps nothing.
+
+    `insert` adopts the slots of the sequence (as the radix tree would) and frees them at once, so
+    callers follow one ownership protocol for both caches. A caller that still needs the KV of a
+    running request must therefore only insert it when the request is done.
+    """
+
+    retains_slots = False
+
+    def __init__(self, kv_pool: TokenToKVPool, page_size: int = 1) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.kv_pool = kv_pool
+        self.page_size = page_size
+        self._root = _NoNode()
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self._query = self._inserted = 0
+
+    def match_prefix(self, tokens: TokensLike, namespace: Namespace = None) -> MatchResult:
+        """Always a miss: length 0."""
+        self._query += len(as_token_array(tokens))
+        return MatchResult(_EMPTY, self._root, 0)
+
+    def insert(self, tokens: TokensLike, slots: Any, namespace: Namespace = None) -> int:
+        """Frees the page-aligned part's slots (the tree's share) and returns 0 (nothing cached)."""
+        toks = as_token_array(tokens)
+        arr = as_slot_array(slots)
+        if len(arr) != len(toks):
+            raise ValueError(f"insert: {len(toks)} tokens but {len(arr)} slots")
+        n = len(toks) // self.page_size * self.page_size
+        self.kv_pool.free(arr[:n])
+        self._inserted += n
+        return 0
+
+    def lock(self, node: Any) -> None:
+        node.lock_ref += 1
+
+    def unlock(self, node: Any) -> None:
+        if node.lock_ref <= 0:
+            raise LockError("unlock of a node that is not locked")
+        node.lock_ref -= 1
+
+    def evict(self, num_tokens: int) -> int:
+        """Nothing is cached, so nothing can be evicted."""
+        return 0
+
+    def evictable_size(self) -> int:
+        return 0
+
+    def protected_size(self) -> int:
+        return 0
+
+    def total_size(self) -> int:
+        return 0
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self._query, 0, self._inserted, self._inserted, 0, 0, 0, 0)
+
+    def check_invariants(self) -> None:
+        """Nothing to check beyond the lock count."""
+        assert self._root.lock_ref >= 0
+
+    def cached_slots(self) -> np.ndarray:
+        return np.empty(0, dtype=np.int64)
