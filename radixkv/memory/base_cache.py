@@ -56,6 +56,9 @@ class CacheStats:
 
 def as_token_array(tokens: TokensLike) -> np.ndarray:
     """Tokens as a contiguous 1-D int32 numpy array (zero-copy when already one)."""
+    if (type(tokens) is np.ndarray and tokens.dtype == np.int32 and tokens.ndim == 1
+            and tokens.flags.c_contiguous):
+        return tokens
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)

@@ -20,10 +20,13 @@ import torch
 from radixkv.errors import InvalidSlotError, OutOfSlotsError
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
+_FREE, _USED, _RESERVED = 0, 1, 2
 
 
 def as_slot_array(slots: SlotsLike) -> np.ndarray:
     """View slot indices as a 1-D int64 numpy array (zero-copy for CPU int64 tensors)."""
+    if type(slots) is np.ndarray and slots.dtype == np.int64 and slots.ndim == 1:
+        return slots
     if isinstance(slots, torch.Tensor):
         slots = slots.detach()
         if slots.device.type != "cpu":
@@ -41,7 +44,7 @@ def as_slot_array(slots: SlotsLike) -> np.ndarray:
 class TokenToKVPool:
     """Per-layer K/V buffers `[num_slots + 1, num_kv_heads, head_dim]` and a free-slot allocator.
 
-    Invariant: every slot in 1..num_slots is either free (on the free stack, bit set in `_is_free`)
+    Invariant: every slot in 1..num_slots is either free (on the free stack, state _FREE)
     or owned by exactly one holder (a radix tree node or a running request). `alloc` and `free`
     check this at the boundary, so a double free raises instead of corrupting the free list.
     """
@@ -73,7 +76,11 @@ class TokenToKVPool:
         # Free stack: the top `_n_free` entries of `_stack` are the free slots. Allocation pops
         # from the top, so recently freed (cache-warm) slots are reused first.
         self._stack = np.empty(num_slots, dtype=np.int64)
-        self._is_free = np.zeros(num_slots + 1, dtype=bool)  # index 0 stays False (reserved)
+        # Per-slot state: _FREE, _USED, or _RESERVED (slot 0). One fancy-index read validates a
+        # whole batch of slots; indexing with the uint64 view turns negative slots into huge
+        # indices, so out-of-range slots of either sign raise IndexError there.
+        self._state = np.full(num_slots + 1, _FREE, dtype=np.uint8)
+        self._state[0] = _RESERVED
         self._group: list[np.ndarray] | None = None
         self.clear()
 
@@ -82,7 +89,7 @@ class TokenToKVPool:
         """Mark every slot free (the KV contents are left as they are)."""
         self._stack[:] = np.arange(self.num_slots, 0, -1, dtype=np.int64)  # pops 1, 2, 3, ...
         self._n_free = self.num_slots
-        self._is_free[1:] = True
+        self._state[1:] = _FREE
         self._group = None
 
     def available_size(self) -> int:
@@ -102,7 +109,7 @@ class TokenToKVPool:
         top = self._n_free
         out = self._stack[top - n:top][::-1].copy()
         self._n_free = top - n
-        self._is_free[out] = False
+        self._state[out] = _USED
         return torch.from_numpy(out)
 
     def free(self, slots: SlotsLike) -> None:
@@ -114,17 +121,32 @@ class TokenToKVPool:
         arr = as_slot_array(slots)
         if arr.size == 0:
             return
-        lo, hi = arr.min(), arr.max()
-        if lo < 1 or hi > self.num_slots:
-            bad = lo if lo < 1 else hi
-            what = "slot 0 is reserved" if bad == 0 else f"slot {bad} is out of range"
-            raise InvalidSlotError(f"cannot free: {what} (usable slots are 1..{self.num_slots})")
-        if self._is_free[arr].any():
-            dup = int(arr[self._is_free[arr]][0])
-            raise InvalidSlotError(f"double free of KV slot {dup}")
-        if arr.size > 1 and np.unique(arr).size != arr.size:
-            raise InvalidSlotError("double free: a slot is listed twice in one free() call")
-        self._is_free[arr] = True
+        self._check_used(arr)
+        if arr.size > 1:
+            ordered = np.sort(arr)
+            if (ordered[1:] == ordered[:-1]).any():
+                dup = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+                raise InvalidSlotError(f"double free: slot {dup} is listed twice in one free()")
+        self._release(arr)
+
+    def _check_used(self, arr: np.ndarray) -> None:
+        """Raise `InvalidSlotError` unless every slot in `arr` is allocated (in use)."""
+        try:
+            ok = (self._state[arr.view(np.uint64)] == _USED).all()
+        except IndexError:
+            ok = False
+        if not ok:
+            for slot in arr.tolist():  # error path only: name the first bad slot
+                if not 0 < slot <= self.num_slots:
+                    what = "slot 0 is reserved" if slot == 0 else f"slot {slot} is out of range"
+                    raise InvalidSlotError(f"{what} (usable slots are 1..{self.num_slots})")
+                if self._state[slot] == _FREE:
+                    raise InvalidSlotError(f"KV slot {slot} is not allocated (double free?)")
+            raise AssertionError("unreachable")
+
+    def _release(self, arr: np.ndarray) -> None:
+        """Free slots known to be allocated and distinct (the radix tree's own evictions)."""
+        self._state[arr] = _FREE
         if self._group is not None:
             self._group.append(arr)
             return
@@ -156,7 +178,7 @@ class TokenToKVPool:
 
     def is_free(self, slots: SlotsLike) -> np.ndarray:
         """Bool array: which of `slots` are currently free."""
-        return self._is_free[as_slot_array(slots)]
+        return self._state[as_slot_array(slots)] == _FREE
 
     # ---- KV storage --------------------------------------------------------------------------
     def get_kv_buffer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

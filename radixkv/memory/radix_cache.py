@@ -137,11 +137,13 @@ class RadixCache:
         tb = arr[:n].tobytes()
         node, values, length = self._walk(root, tb, count_hit=True)
         self._hit += length
-        slots = np.concatenate(values) if values else _EMPTY_SLOTS
+        # a copy either way: the caller must never alias the tree's arrays
+        slots = values[0].copy() if len(values) == 1 else (
+            np.concatenate(values) if values else _EMPTY_SLOTS)
         return MatchResult(torch.from_numpy(slots), node, length)
 
     def insert(self, tokens: TokensLike, slots: Any, namespace: Namespace = None) -> int:
-        """Cache the page-aligned part of `tokens` with its `slots`; returns the cached length before.
+        """Cache the page-aligned part of `tokens` with `slots`; returns the cached length before.
 
         The tree adopts only the slots of the new suffix (positions >= the returned length); slots
         passed for positions that were already cached stay the caller's to free. Raises
@@ -155,9 +157,7 @@ class RadixCache:
         if n == 0:
             return 0
         sl = sl[:n]
-        if sl.min() < 1 or sl.max() > self.kv_pool.num_slots or self.kv_pool.is_free(sl).any():
-            raise InvalidSlotError("insert: every slot must be allocated from the pool "
-                                   f"(1..{self.kv_pool.num_slots}, not free)")
+        self.kv_pool._check_used(sl)  # the tree may only adopt allocated slots
         tb = arr[:n].tobytes()
         node, _, pos = self._walk(self._root(namespace), tb, count_hit=False)
         if pos < n:
@@ -224,8 +224,8 @@ class RadixCache:
                     self._index_leaf(parent)
             elif not parent.children and parent.namespace is not None:
                 del self._roots[parent.namespace]  # drop empty tenant roots
-        if released:
-            self.kv_pool.free(released[0] if len(released) == 1 else np.concatenate(released))
+        if released:  # distinct and allocated by the tree's invariants (check_invariants verifies)
+            self.kv_pool._release(released[0] if len(released) == 1 else np.concatenate(released))
         self._evicted += freed
         return freed
 
@@ -358,6 +358,8 @@ class RadixCache:
         return page if self.page_size == 1 else xxhash.xxh3_64_intdigest(page)
 
     def _get_child(self, node: TreeNode, tb: bytes, pos: int) -> TreeNode | None:
+        if self.page_size == 1:  # hot path: the token's 4 bytes are the key, no collisions
+            return node.children.get(tb[pos * _TOK:pos * _TOK + _TOK])
         page = tb[pos * _TOK:pos * _TOK + self._page_bytes]
         child = node.children.get(self._hash_key(page))
         if child is not None and self.page_size > 1 and child.key[:self._page_bytes] != page:
