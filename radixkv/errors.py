@@ -33,3 +33,8 @@ class InvalidRequestError(RadixKVError, ValueError):
 
 class ModelLoadError(RadixKVError):
     """A model file or folder is missing, unsupported or inconsistent."""
+
+
+class ConfigError(RadixKVError, ValueError):
+    """A tool's input is invalid: unknown preset or dtype, a negative length, an unreadable model
+    config, or a malformed trace."""
