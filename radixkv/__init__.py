@@ -6,6 +6,7 @@ token). Paged attention reads K/V straight from the slots, so requests sharing a
 """
 
 from radixkv import errors
+from radixkv.engine.sampling_params import SamplingParams
 from radixkv.memory import (
     CacheStats,
     MatchResult,
@@ -17,7 +18,17 @@ from radixkv.memory import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):  # LLM pulls in the model stack; import it only when asked for
+    if name == "LLM":
+        from radixkv.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'radixkv' has no attribute {name!r}")
+
+
 __all__ = [
-    "CacheStats", "MatchResult", "NaiveCache", "RadixCache", "ReqToTokenPool", "TokenToKVPool",
+    "LLM", "SamplingParams", "CacheStats", "MatchResult", "NaiveCache", "RadixCache",
+    "ReqToTokenPool", "TokenToKVPool",
     "errors", "__version__",
 ]

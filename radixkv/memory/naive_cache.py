@@ -51,9 +51,11 @@ class NaiveCache:
         """Zero the counters."""
         self._query = self._inserted = 0
 
-    def match_prefix(self, tokens: TokensLike, namespace: Namespace = None) -> MatchResult:
+    def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
+                     record: bool = True) -> MatchResult:
         """Always a miss: length 0."""
-        self._query += len(as_token_array(tokens))
+        if record:
+            self._query += len(as_token_array(tokens))
         return MatchResult(_EMPTY, self._root, 0)
 
     def insert(self, tokens: TokensLike, slots: Any, namespace: Namespace = None) -> int:

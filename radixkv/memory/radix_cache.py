@@ -120,23 +120,27 @@ class RadixCache:
         self._query = self._hit = self._evicted = self._inserted = 0
 
     # ---- public API -------------------------------------------------------------------------
-    def match_prefix(self, tokens: TokensLike, namespace: Namespace = None) -> MatchResult:
+    def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
+                     record: bool = True) -> MatchResult:
         """Longest cached prefix of `tokens` under `namespace`.
 
         When the prefix ends inside a node, the node is split so the returned `node` ends exactly
         at `length`. Touches every node on the path (LRU time, hit count). `length` is a multiple
-        of page_size and at most len(tokens).
+        of page_size and at most len(tokens). `record=False` leaves the query/hit counters of
+        `stats()` alone (for an engine's own bookkeeping lookups, e.g. ordering its queue).
         """
         arr = as_token_array(tokens)
-        self._query += len(arr)
+        if record:
+            self._query += len(arr)
         n = len(arr) // self.page_size * self.page_size
         root = self._roots.get(namespace)
         if root is None or n == 0:
             return MatchResult(torch.from_numpy(_EMPTY_SLOTS),
                                root if root is not None else self._null_root, 0)
         tb = arr[:n].tobytes()
-        node, values, length = self._walk(root, tb, count_hit=True)
-        self._hit += length
+        node, values, length = self._walk(root, tb, count_hit=record)
+        if record:
+            self._hit += length
         # a copy either way: the caller must never alias the tree's arrays
         slots = values[0].copy() if len(values) == 1 else (
             np.concatenate(values) if values else _EMPTY_SLOTS)

@@ -1,0 +1,79 @@
+"""`Request`: one generation request and its place in the three memory levels."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from radixkv.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued; owns no slots and no row
+    RUNNING = "running"  # has a row, a locked tree node and its own slots
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A request's tokens, progress and memory.
+
+    Memory of a RUNNING request, by position in its row of `req_to_token`:
+
+    | positions               | slots owned by | released when                               |
+    |-------------------------|----------------|---------------------------------------------|
+    | [0, cached_len)         | the tree       | never by the request: it only unlocks `node` |
+    | [cached_len, kv_len)    | the request    | finish / preempt / abort (after tree insert) |
+
+    `kv_len` counts tokens whose K/V are in the pool; the last sampled token has none yet.
+    """
+
+    rid: str
+    prompt_ids: np.ndarray  # int32 [P]
+    params: SamplingParams
+    namespace: Any = None
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    row: int = -1
+    node: Any = None  # locked tree node covering [0, cached_len)
+    cached_len: int = 0
+    kv_len: int = 0
+    prefix_hit: int = -1  # tree hit at first admission (-1: not admitted yet)
+    prefill_tokens: int = 0  # tokens this request sent through extend (recomputes included)
+    preemptions: int = 0
+    finish_reason: str | None = None
+    text: str = ""  # detokenized output, stop string cut
+    streamed: int = 0  # chars of `text` already handed to a stream
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def fill_ids(self) -> np.ndarray:
+        """Prompt followed by the generated tokens, int32."""
+        if not self.output_ids:
+            return self.prompt_ids
+        return np.concatenate([self.prompt_ids, np.asarray(self.output_ids, dtype=np.int32)])
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the last token lacks K/V (extend); else the next step decodes.
+
+        A fresh request extends its prompt and samples from the last position; a preempted one
+        extends prompt + output so far. Either way, once kv_len == total_len - 1, a decode step
+        feeds the last token, which is exactly an extend of one token.
+        """
+        return self.kv_len < self.total_len - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

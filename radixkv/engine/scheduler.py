@@ -1,0 +1,264 @@
+"""Decides what runs each step and moves KV slots between requests, the tree and the free list.
+
+Slot ownership across a request's life (positions of its row in req_to_token):
+
+| event                | [0, cached_len)      | [cached_len, kv_len)               |
+|----------------------|----------------------|------------------------------------|
+| admit (match + lock) | tree, locked         | (empty)                            |
+| extend / decode      | tree, locked         | request (new slots: free list ->)  |
+| prefill chunk done   | tree grows to the    | duplicates of tree -> free list;   |
+|   (insert + relock)  | page-aligned kv_len  | page tail stays the request's      |
+| finish/preempt/abort | unlocked: evictable  | new -> tree (insert); duplicates   |
+|                      |                      | and page tail -> free list         |
+
+Invariant when idle: pool free slots + tree slots == pool size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from radixkv.engine.request import Request, Status
+from radixkv.engine.schedule_policy import check_policy, order_waiting
+from radixkv.errors import OutOfSlotsError
+from radixkv.memory.base_cache import PrefixCache
+from radixkv.memory.kv_pool import TokenToKVPool
+from radixkv.memory.req_pool import ReqToTokenPool
+
+DEFER_MIN_SHARED = 16  # tokens of not-yet-cached overlap that make a request wait one step
+
+
+@dataclass(slots=True)
+class ScheduledReq:
+    """One request's share of a forward: positions [start, end) get K/V written to `slots`."""
+
+    req: Request
+    start: int
+    end: int
+    slots: torch.Tensor  # [end - start] int64
+    sample: bool  # end reaches the request's last token: sample the next one
+
+
+@dataclass(slots=True)
+class Batch:
+    is_decode: bool
+    items: list[ScheduledReq]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(it.end - it.start for it in self.items)
+
+
+class Scheduler:
+    """Continuous batching over a prefix cache: admission, chunked prefill, preemption."""
+
+    def __init__(self, cache: PrefixCache, kv_pool: TokenToKVPool, req_pool: ReqToTokenPool,
+                 policy: str = "lpm", chunked_prefill_size: int = 512,
+                 max_running_requests: int = 64) -> None:
+        self.cache = cache
+        self.kv_pool = kv_pool
+        self.req_pool = req_pool
+        self.policy = check_policy(policy)
+        self.chunk = max(1, chunked_prefill_size)
+        self.max_running = max_running_requests
+        self.page = cache.page_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue ------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- phase 1 of a step ------------------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        """Pick the next forward: prefill/extend work first, else one decode step for all.
+
+        None only when there is nothing to run. If running requests block each other (all
+        mid-prefill, memory full of their own KV), the newest is preempted until one can move.
+        """
+        while True:
+            batch = self._schedule_extend()
+            if batch is None:
+                batch = self._schedule_decode()
+            if batch is not None or not self.running:
+                return batch
+            self._preempt(self.running[-1])
+
+    def _schedule_extend(self) -> Batch | None:
+        budget = self.chunk
+        items: list[ScheduledReq] = []
+        for req in self.running:  # unfinished chunked prefills first
+            if budget and req.in_prefill:
+                item = self._extend_item(req, budget)
+                if item is None:
+                    break
+                items.append(item)
+                budget -= item.end - item.start
+        if self.waiting and budget and len(self.running) < self.max_running:
+            for req in order_waiting(self.policy, list(self.waiting), self.cache):
+                if not budget or len(self.running) >= self.max_running:
+                    break
+                if items and self._waits_for_batch(req, items):
+                    continue
+                if not self._admit(req):
+                    break
+                item = self._extend_item(req, budget)
+                if item is None:
+                    self._release(req, cache_kv=False)
+                    self.running.remove(req)
+                    req.status = Status.WAITING
+                    break
+                self.waiting.remove(req)
+                if req.prefix_hit < 0:
+                    req.prefix_hit = req.cached_len
+                items.append(item)
+                budget -= item.end - item.start
+        return Batch(False, items) if items else None
+
+    def _waits_for_batch(self, req: Request, items: list[ScheduledReq]) -> bool:
+        """Defer `req` one step if a request in this batch is computing a prefix it shares.
+
+        Both would miss the cache and compute the shared part twice; a step later it is in the
+        tree. Only deferred when the overlap beyond what is cached is worth a step.
+        """
+        if not getattr(self.cache, "retains_slots", False):
+            return False
+        fill = req.fill_ids()
+        for it in items:
+            if it.req.namespace != req.namespace:
+                continue
+            other = it.req.fill_ids()[:it.end]
+            n = min(len(other), len(fill) - 1)
+            diff = np.flatnonzero(other[:n] != fill[:n])
+            shared = int(diff[0]) if diff.size else n
+            if shared - it.start >= DEFER_MIN_SHARED:
+                return True
+        return False
+
+    def _schedule_decode(self) -> Batch | None:
+        while True:
+            decoding = [r for r in self.running if not r.in_prefill]
+            if not decoding:
+                return None
+            slots = self._alloc(len(decoding))
+            if slots is not None:
+                break
+            self._preempt(self.running[-1])  # newest admitted loses the least work
+        items = []
+        for i, req in enumerate(decoding):
+            self.req_pool.write(req.row, req.kv_len, slots[i:i + 1])
+            items.append(ScheduledReq(req, req.kv_len, req.kv_len + 1, slots[i:i + 1], True))
+        return Batch(True, items)
+
+    # ---- memory -----------------------------------------------------------------------------
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        """n free slots, evicting from the tree first; None if even that is not enough."""
+        short = n - self.kv_pool.available_size()
+        if short > 0:
+            self.cache.evict(short)
+        try:
+            return self.kv_pool.alloc(n)
+        except OutOfSlotsError:
+            return None
+
+    def _headroom(self) -> int:
+        """Slots kept back for the next few decode steps of the running requests."""
+        return sum(min(r.params.max_tokens - len(r.output_ids), 16) for r in self.running)
+
+    def _admit(self, req: Request) -> bool:
+        """Give a waiting request a row and lock its cached prefix; False if it must wait."""
+        if self.req_pool.available_size() == 0:
+            return False
+        fill = req.fill_ids()
+        need = len(fill) - 1  # upper bound of what it will compute before decoding
+        free_soon = self.kv_pool.available_size() + self.cache.evictable_size()
+        if self.running and free_soon < min(need, self.chunk) + self._headroom():
+            return False
+        m = self.cache.match_prefix(fill[:-1], req.namespace)  # always leave a token to compute
+        self.cache.lock(m.node)
+        req.row = self.req_pool.alloc()
+        req.node, req.cached_len, req.kv_len = m.node, m.length, m.length
+        if m.length:
+            self.req_pool.write(req.row, 0, m.slots)
+        req.status = Status.RUNNING
+        self.running.append(req)
+        return True
+
+    def _extend_item(self, req: Request, budget: int) -> ScheduledReq | None:
+        start = req.kv_len
+        end = min(req.total_len, start + budget)
+        slots = self._alloc(end - start)
+        if slots is None:
+            return None
+        self.req_pool.write(req.row, start, slots)
+        return ScheduledReq(req, start, end, slots, end == req.total_len)
+
+    def _row_slots(self, req: Request, end: int) -> np.ndarray:
+        return self.req_pool.req_to_token[req.row, :end].to(torch.int64).cpu().numpy()
+
+    def cache_prefix(self, req: Request) -> None:
+        """After a prefill chunk: hand the computed, page-aligned KV to the tree (stays locked)."""
+        if not getattr(self.cache, "retains_slots", False):
+            return  # a cache that keeps nothing would free KV the request still reads
+        kv = req.kv_len
+        if kv // self.page * self.page <= req.cached_len:
+            return
+        fill = req.fill_ids()[:kv]
+        slots = self._row_slots(req, kv)
+        already = self.cache.insert(fill, slots, req.namespace)
+        if already > req.cached_len:  # someone cached these meanwhile: use theirs, free ours
+            self.kv_pool.free(slots[req.cached_len:already])
+        m = self.cache.match_prefix(fill, req.namespace, record=False)
+        if already > req.cached_len:
+            self.req_pool.write(req.row, req.cached_len, m.slots[req.cached_len:already])
+        self.cache.lock(m.node)
+        self.cache.unlock(req.node)
+        req.node, req.cached_len = m.node, m.length
+
+    def _release(self, req: Request, cache_kv: bool = True) -> None:
+        """Give back everything a running request holds (see the table above)."""
+        kv = req.kv_len
+        if kv > req.cached_len:
+            slots = self._row_slots(req, kv)
+            own = slots[req.cached_len:]
+            if cache_kv:
+                already = self.cache.insert(req.fill_ids()[:kv], slots, req.namespace)
+                adopted_end = kv // self.page * self.page
+                with self.kv_pool.free_group():
+                    if already > req.cached_len:
+                        self.kv_pool.free(slots[req.cached_len:already])
+                    if adopted_end < kv:
+                        self.kv_pool.free(slots[max(adopted_end, req.cached_len):kv])
+            else:
+                self.kv_pool.free(own)
+        self.cache.unlock(req.node)
+        self.req_pool.free(req.row)
+        req.row, req.node, req.cached_len, req.kv_len = -1, None, 0, 0
+
+    def _preempt(self, req: Request) -> None:
+        """Stop a running request: cache its KV, free the rest, requeue it at the front."""
+        self._release(req)
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- phase 3 hooks ------------------------------------------------------------------------
+    def finish(self, req: Request, reason: str) -> None:
+        """Release a request's memory (its KV goes into the tree) and mark it finished."""
+        if req.status is Status.RUNNING:
+            self._release(req)
+            self.running.remove(req)
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
