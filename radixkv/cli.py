@@ -1,0 +1,189 @@
+"""The `radixkv` command line: one argparse subcommand per tool.
+
+    radixkv calc llama-3-70b --context 4096 --tp 4      KV bytes per token/request, capacity
+    radixkv simulate [--random] [--plot out.png]        contiguous vs paged fragmentation
+    radixkv viz --out DIR                               radix tree and KV pool pictures
+
+Each subcommand imports what it needs inside its handler, so `radixkv calc` does not load
+matplotlib, gguf or the model stack. To add a subcommand, write `_add_<name>(subparsers)` that
+registers its parser and sets `func` to a handler `(args) -> int`, and list it in `_SUBCOMMANDS`.
+Errors radixkv raises on purpose (`RadixKVError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from radixkv.errors import RadixKVError
+
+Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+# ---- calc --------------------------------------------------------------------------------------
+def _add_calc(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "calc", help="KV cache size per token / request and how many requests fit",
+        description="KV cache bytes per token and per request, tokens that fit on a GPU, and "
+                    "concurrent requests with a paged cache vs a contiguous max-length "
+                    "reservation. MODEL is a preset name, an HF config.json or model folder, "
+                    "or a .gguf file.")
+    p.add_argument("model", nargs="?", help="preset, config.json, model folder or .gguf file")
+    p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
+    p.add_argument("--context", type=int, default=4096,
+                   help="tokens per request (prompt + output), default 4096")
+    p.add_argument("--dtype", default="fp16", help="KV dtype: fp32, fp16, bf16, fp8, int8")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB",
+                   help="memory per GPU in GiB, default 80")
+    p.add_argument("--mem-fraction", type=float, default=0.9,
+                   help="share of GPU memory the server may use, default 0.9")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (GPUs), default 1")
+    p.add_argument("--weight-dtype", default=None,
+                   help="size weights as params x this dtype (fp32, fp16, bf16, fp8, int8, int4)")
+    p.add_argument("--weights-gib", type=float, default=None,
+                   help="total weight size in GiB (overrides any computation)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="contiguous reservation per request (default: model max context)")
+    p.add_argument("--page-size", type=int, default=1, help="tokens per KV page, default 1")
+    p.set_defaults(func=_run_calc)
+
+
+def _run_calc(args: argparse.Namespace) -> int:
+    from radixkv.errors import ConfigError
+    from radixkv.tools import calc
+
+    if args.list_presets:
+        print(calc.format_presets(args.dtype))
+        return 0
+    if args.model is None:
+        raise ConfigError("give a MODEL (preset name, config.json, model folder or .gguf) or "
+                          "--list-presets")
+    budget = calc.compute_budget(
+        args.model, context_len=args.context, dtype=args.dtype, gpu_mem_gib=args.gpu_mem,
+        mem_fraction=args.mem_fraction, tp=args.tp, weight_dtype=args.weight_dtype,
+        weights_gib=args.weights_gib, max_len=args.max_len, page_size=args.page_size)
+    print(calc.format_budget(budget))
+    return 0
+
+
+# ---- simulate ----------------------------------------------------------------------------------
+def _add_simulate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "simulate", help="fragmentation: contiguous reservation vs radixkv's per-token slots",
+        description="Replay one request trace on a contiguous first-fit allocator that reserves "
+                    "prompt + max_new_tokens per request and on radixkv's TokenToKVPool. Without "
+                    "--random or --trace, runs the 100-block seed scenario.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--random", action="store_true", help="a seeded random trace")
+    src.add_argument("--trace", metavar="JSON",
+                     help="a trace file: [{name, arrival, prompt_len, output_len, "
+                          "max_new_tokens}, ...]")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="blocks (= token slots): 100 for the seed, 1024 otherwise")
+    p.add_argument("--requests", type=int, default=200, help="random trace: requests")
+    p.add_argument("--seed", type=int, default=0, help="random trace: RNG seed")
+    p.add_argument("--rate", type=float, default=0.1, help="random trace: arrivals per tick")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="random trace: max_new_tokens (outputs stop uniformly before it)")
+    p.add_argument("--reserve", type=int, default=None,
+                   help="contiguous: reserve this many blocks for every request instead")
+    p.add_argument("--plot", metavar="PNG", help="write the comparison plot here")
+    p.add_argument("--events", action=argparse.BooleanOptionalAction, default=None,
+                   help="print the event logs (default: when the trace has <= 20 requests)")
+    p.set_defaults(func=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from radixkv.tools import simulate as sim
+
+    title = ""
+    if args.trace:
+        trace = sim.load_trace(args.trace)
+        blocks = args.blocks or 1024
+    elif args.random:
+        trace = sim.random_trace(args.requests, seed=args.seed, arrival_rate=args.rate,
+                                 prompt_len=(8, 128), output_len=(4, args.max_new_tokens),
+                                 max_new_tokens=args.max_new_tokens)
+        blocks = args.blocks or 1024
+    else:
+        trace = sim.seed_trace()
+        blocks = args.blocks or sim.SEED_BLOCKS
+        title = (f"Seed scenario: {blocks} blocks; A takes 40, B takes 40, C needs 30 "
+                 "(but would reserve 50 contiguously)")
+    cmp = sim.compare(trace, blocks, reserve=args.reserve)
+    events = args.events if args.events is not None else len(trace) <= 20
+    print(sim.format_report(cmp, events=events, title=title))
+    if not args.trace and not args.random:
+        print("\nWhy C reserves 50 and not 30: when A finishes, its 40 blocks form one hole, so "
+              "any request of\nat most 40 blocks would fit. With one 40-block request left in "
+              "100 blocks, the 60 free\nblocks lie in at most two holes, one of them >= 30. A "
+              "contiguous cache fails here because it\nmust reserve C's maximum length (29 "
+              "prompt + 21 max new tokens = 50) before knowing C stops\nafter 1 token; the "
+              "paged pool gives C exactly the 30 slots it uses.")
+    if args.plot:
+        path = sim.plot_comparison(cmp, args.plot, title=title)
+        print(f"\nplot: {path}")
+    return 0
+
+
+# ---- viz ---------------------------------------------------------------------------------------
+def _add_viz(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "viz", help="draw a radix tree built from chat prompts, and the KV pool's memory map",
+        description="Serve a few chat prompts through a real RadixCache and TokenToKVPool and "
+                    "write tree.txt, tree.dot, tree.png, memory_map.txt and memory_map.png.")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
+    p.add_argument("--tokenizer", choices=("auto", "model", "word"), default="auto",
+                   help="auto: the default model's tokenizer when it loads, else a word "
+                        "tokenizer (default)")
+    p.add_argument("--max-depth", type=int, default=None, help="draw at most this many levels")
+    p.set_defaults(func=_run_viz)
+
+
+def _run_viz(args: argparse.Namespace) -> int:
+    from radixkv.tools import viz
+
+    tokenizer, desc = viz.load_demo_tokenizer(args.tokenizer)
+    print(f"tokenizer: {desc}\n")
+    demo = viz.build_demo(tokenizer)
+    print("\n".join(demo.log) + "\n")
+    print(viz.format_tree(demo.cache, tokenizer, args.max_depth) + "\n")
+    print(viz.format_memory_map(viz.memory_map(demo.cache, demo.pool, demo.running)) + "\n")
+    files = viz.write_pictures(demo.cache, args.out, tokenizer, demo.running, args.max_depth,
+                               pool=demo.pool)
+    for kind, path in files.items():
+        print(f"wrote {kind:<15} {path}")
+    return 0
+
+
+_SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_calc, _add_simulate, _add_viz]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `radixkv` parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="radixkv", description="radixkv: RadixAttention prefix caching tools")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `radixkv` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RadixKVError as exc:
+        print(f"radixkv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
