@@ -115,7 +115,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     cmp = sim.compare(trace, blocks, reserve=args.reserve)
     events = args.events if args.events is not None else len(trace) <= 20
     print(sim.format_report(cmp, events=events, title=title))
-    if not args.trace and not args.random:
+    if not args.trace and not args.random and blocks == sim.SEED_BLOCKS and args.reserve is None:
         print("\nWhy C reserves 50 and not 30: when A finishes, its 40 blocks form one hole, so "
               "any request of\nat most 40 blocks would fit. With one 40-block request left in "
               "100 blocks, the 60 free\nblocks lie in at most two holes, one of them >= 30. A "

@@ -205,6 +205,7 @@ def test_hf_config_weight_bytes_from_safetensors(tmp_path: Path) -> None:
     (json.dumps({"hidden_size": 64}), "missing num_hidden_layers, num_attention_heads"),
     (json.dumps({**LLAMA3_8B_CONFIG, "num_key_value_heads": 0}), "num_key_value_heads"),
     (json.dumps({**LLAMA3_8B_CONFIG, "kv_lora_rank": 512}), "latent attention"),
+    (json.dumps({**LLAMA3_8B_CONFIG, "vocab_size": "big"}), "vocab_size"),
 ])
 def test_hf_config_errors(tmp_path: Path, content: str, match: str) -> None:
     (tmp_path / "config.json").write_text(content)

@@ -274,6 +274,12 @@ def load_hf_config(path: str | Path) -> ModelSpec:
                               f"num_attention_heads {heads} and head_dim is not given")
         head_dim = hidden // heads
     head_dim = _positive_int(head_dim, "head_dim", where)
+    def size(*keys: str) -> int | None:  # optional dimensions: absent is fine, junk is not
+        value = _first(cfg, *keys)
+        return None if value is None else _positive_int(value, keys[0], where)
+
+    inter, vocab = size("intermediate_size", "n_inner"), size("vocab_size")
+    max_ctx = size("max_position_embeddings", "n_positions", "seq_length")
     model_type = str(cfg.get("model_type") or "")
     notes: list[str] = []
     moe = _first(cfg, "num_local_experts", "num_experts", "n_routed_experts")
@@ -289,14 +295,13 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     return ModelSpec(
         name=str(cfg.get("_name_or_path") or cfg_path.parent.name or "model"),
         num_layers=layers, num_kv_heads=kv, head_dim=head_dim, num_attention_heads=heads,
-        hidden_size=hidden, intermediate_size=_first(cfg, "intermediate_size", "n_inner"),
-        vocab_size=cfg.get("vocab_size"),
+        hidden_size=hidden, intermediate_size=inter, vocab_size=vocab,
         # HF's PretrainedConfig ties embeddings unless the config says otherwise.
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         qkv_bias=model_type == "qwen2" or attn_bias, o_bias=attn_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
         llama_like=llama_like,
-        max_context=_first(cfg, "max_position_embeddings", "n_positions", "seq_length"),
+        max_context=max_ctx,
         weight_bytes=weight_bytes,
         weight_dtype=_first(cfg, "torch_dtype", "dtype"),
         source=f"HF config: {cfg_path}" + (" + safetensors headers" if weight_bytes else ""),
@@ -469,7 +474,7 @@ def _check_number(value: Any, what: str, *, integer: bool, minimum: float,
 
 
 def compute_budget(
-    model: ModelSpec | str,
+    model: ModelSpec | str | Path,
     context_len: int,
     dtype: str = "fp16",
     gpu_mem_gib: float = 80.0,

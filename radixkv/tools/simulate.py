@@ -756,6 +756,15 @@ def plot_comparison(cmp: Comparison, path: str | Path, title: str = "") -> Path:
                    title=(f"{r.allocator}: block owners over time (pale = reserved, unused)"
                           if r.allocator == "contiguous" else
                           f"{r.allocator}: slot owners over time (slot = block + 1)"))
+            frag = r.refused_despite_free()
+            if frag and len(r.trace) <= 10:  # small traces: point at the first such refusal
+                f = frag[0]
+                hole = max((p for p in f.layout if p[2] is None), key=lambda p: p[1])
+                ax.annotate(f"{f.request} refused: needs {f.need} adjacent,\n{f.free} free, "
+                            f"largest hole {f.largest_hole}",
+                            xy=(f.tick + 0.2, hole[0] + hole[1] / 2), fontsize=8, ha="left",
+                            va="center",
+                            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
             if len(r.trace) <= 10:  # name the colours when there are few requests
                 palette = colormaps["tab10"].colors
                 ax.legend(handles=[Patch(color=palette[i % 10], label=q.name)
