@@ -1,0 +1,127 @@
+"""Per-forward metadata shared by every layer of the model.
+
+The engine builds one `ForwardContext` per forward pass and enters it with `forward_context(ctx)`;
+the attention layers read it with `get_forward_context()`. This keeps the module signatures plain
+(`model(input_ids)`), and the slot / indptr tensors are built once per batch instead of per layer.
+
+Layout of a batch of B requests with N new tokens in total (CSR, as in `radixkv.attention`):
+request b owns input rows qo_indptr[b]:qo_indptr[b+1] and reads the KV slots
+kv_indices[kv_indptr[b]:kv_indptr[b+1]], which list its cached prefix and then its new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+from radixkv.memory import TokenToKVPool
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    """Everything one forward pass needs besides the input ids. All tensors live on the model's
+    device and are int64.
+
+    - `is_decode`: True when every request has exactly one new token (decode kernel); False uses
+      the extend kernel (prefill, prefill over a cached prefix, or mixed lengths).
+    - `positions` [N]: absolute position of each input token (its index in its sequence).
+    - `out_slots` [N]: KV slot each input token's K/V is written to.
+    - `qo_indptr` [B+1]: new-token offsets per request (decode: arange(B+1)).
+    - `kv_indptr` [B+1], `kv_indices` [nnz]: each request's slots, cached prefix then new tokens.
+    - `logits_indices` [M]: rows of the N hidden states whose logits are returned.
+    """
+
+    kv_pool: TokenToKVPool
+    is_decode: bool
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    logits_indices: torch.Tensor
+
+
+_CURRENT: ContextVar[ForwardContext | None] = ContextVar("radixkv_forward_context", default=None)
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make `ctx` the context `get_forward_context()` returns inside the block (nestable)."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    """The context of the enclosing `with forward_context(...)`; RuntimeError outside one."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise RuntimeError("no forward context: call the model inside `with forward_context(ctx):`")
+    return ctx
+
+
+def _cumsum0(lengths: list[int]) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    if lengths:
+        out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return out
+
+
+def build_forward_context(
+    kv_pool: TokenToKVPool,
+    new_slots: Sequence[torch.Tensor],
+    cached_slots: Sequence[torch.Tensor] | None = None,
+    logits: str = "last",
+    is_decode: bool | None = None,
+    device: str | torch.device | None = None,
+) -> ForwardContext:
+    """A context for a batch given each request's slots (a convenience for tests and benchmarks).
+
+    Request b has cached KV in `cached_slots[b]` [c_b] (default: none) and writes its n_b new
+    tokens to `new_slots[b]` [n_b]; its new tokens sit at positions c_b .. c_b + n_b - 1.
+    `logits` is "last" (one row per request: its last new token) or "all" (every input row).
+    `is_decode` defaults to "every request has exactly one new token". Tensors go to `device`
+    (default: the pool's device).
+    """
+    if logits not in ("last", "all"):
+        raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+    if not new_slots:
+        raise ValueError("a forward needs at least one request")
+    cached = list(cached_slots) if cached_slots is not None else [None] * len(new_slots)
+    if len(cached) != len(new_slots):
+        raise ValueError(f"{len(new_slots)} requests but {len(cached)} cached-slot lists")
+    empty = torch.empty(0, dtype=torch.int64)
+    cached_t = [empty if c is None else c.reshape(-1).to("cpu", torch.int64) for c in cached]
+    new_t = [s.reshape(-1).to("cpu", torch.int64) for s in new_slots]
+    if any(n.numel() == 0 for n in new_t):
+        raise ValueError("every request needs at least one new token")
+    n_new = [n.numel() for n in new_t]
+    n_kv = [c.numel() + n.numel() for c, n in zip(cached_t, new_t, strict=True)]
+    positions = torch.cat([torch.arange(c.numel(), c.numel() + n.numel())
+                           for c, n in zip(cached_t, new_t, strict=True)])
+    qo_indptr = _cumsum0(n_new)
+    kv_indptr = _cumsum0(n_kv)
+    kv_indices = torch.cat([t for c, n in zip(cached_t, new_t, strict=True) for t in (c, n)])
+    if logits == "last":
+        logits_indices = qo_indptr[1:] - 1
+    else:
+        logits_indices = torch.arange(int(qo_indptr[-1]))
+    if is_decode is None:
+        is_decode = all(n == 1 for n in n_new)
+    dev = torch.device(device) if device is not None else kv_pool.device
+    return ForwardContext(
+        kv_pool=kv_pool,
+        is_decode=is_decode,
+        positions=positions.to(dev),
+        out_slots=torch.cat(new_t).to(dev),
+        qo_indptr=qo_indptr.to(dev),
+        kv_indptr=kv_indptr.to(dev),
+        kv_indices=kv_indices.to(dev),
+        logits_indices=logits_indices.to(dev),
+    )

@@ -1,0 +1,95 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary position embedding, SwiGLU MLP.
+
+Every op works on flat token rows ([N, ...], all requests of a batch concatenated), so a ragged
+batch needs no padding and no per-request loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixkv.model.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 then cast back to x's dtype
+    before the weight is applied (the order Hugging Face uses, so bf16 results agree too)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin of each token's position, gathered from a float32 table.
+
+    The table covers max_position_embeddings positions (angles computed in float64, so positions
+    in the thousands keep full float32 accuracy). On the CPU it grows if a position goes beyond.
+    The model looks cos / sin up once per forward and hands them to every layer.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.inv_freq64 = rope_inv_freq(config)  # [D/2] float64, CPU
+        self.max_positions = config.max_position_embeddings
+        self._cos: torch.Tensor | None = None  # [L, D/2] float32
+        self._sin: torch.Tensor | None = None
+
+    def _build(self, length: int, device: torch.device) -> None:
+        pos = torch.arange(length, dtype=torch.float64, device="cpu")
+        angles = torch.outer(pos, self.inv_freq64)  # [L, D/2]
+        self._cos = angles.cos().to(device, torch.float32)
+        self._sin = angles.sin().to(device, torch.float32)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] int64 -> cos, sin [N, 1, D/2] in `dtype` (broadcast over heads)."""
+        if self._cos is None or self._cos.device != positions.device:
+            self._build(self.max_positions, positions.device)
+        assert self._cos is not None and self._sin is not None
+        if positions.device.type == "cpu" and positions.numel():
+            # Grow rather than fail on the CPU (a cheap check there; on an accelerator it would
+            # cost a sync per forward, so the engine keeps positions below the model's limit).
+            top = int(positions.max())
+            if top >= self._cos.shape[0]:
+                self._build(max(top + 1, 2 * self._cos.shape[0]), positions.device)
+        cos = self._cos[positions].to(dtype).unsqueeze(1)
+        sin = self._sin[positions].to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, H, D] by position (half-split convention: pairs (i, i + D/2)).
+
+    GGUF weights were un-permuted at load from llama.cpp's interleaved layout, so one convention
+    serves both formats.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # [N, H, D/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one [2 * I, H] matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
+        gate_up = self.gate_up_proj(x)  # [N, 2I]
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        # In place: gate_up is a temporary of this call (inference only, no autograd).
+        act = F.silu(gate, inplace=True).mul_(up)  # [N, I], a strided view of gate_up
+        return self.down_proj(act)

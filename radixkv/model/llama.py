@@ -1,0 +1,174 @@
+"""Llama-family decoder over the paged KV pool (Llama, Llama 3, Qwen2 = Llama with q/k/v bias).
+
+`model(input_ids)` is called inside `with forward_context(ctx):`; every attention layer writes
+its new K/V into `ctx.kv_pool` at `ctx.out_slots` and then reads all of the batch's K/V back
+through `radixkv.attention.decode` / `extend`, so a cached prefix is used in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import radixkv.attention as attention
+from radixkv.errors import ModelLoadError
+from radixkv.model.config import ModelConfig
+from radixkv.model.context import ForwardContext, get_forward_context
+from radixkv.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP, apply_rotary
+
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    """GQA self-attention with q, k and v fused into one [(Hq + 2 Hkv) * D, H] projection."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        self.qk_width = (config.num_heads + config.num_kv_heads) * config.head_dim
+        qkv_width = self.qk_width + config.num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size,
+                                bias=config.o_proj_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:  # x [N, H] -> [N, H]
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) * D]
+        # q and k are rotated together: one elementwise pass instead of two.
+        qk = apply_rotary(qkv[:, :self.qk_width].view(n, -1, self.head_dim), cos, sin)
+        q = qk[:, :self.num_heads]  # [N, Hq, D]
+        k = qk[:, self.num_heads:]  # [N, Hkv, D]
+        v = qkv[:, self.qk_width:].view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+        pool = ctx.kv_pool
+        # Written first: extend reads the new tokens' K/V back from the pool with the prefix.
+        pool.set_kv(self.layer_id, ctx.out_slots, k, v)
+        k_buf, v_buf = pool.get_kv_buffer(self.layer_id)  # [num_slots + 1, Hkv, D]
+        q = q.to(k_buf.dtype).contiguous()
+        if ctx.is_decode:
+            o = attention.decode(q, k_buf, v_buf, ctx.kv_indptr, ctx.kv_indices, self.scale)
+        else:
+            o = attention.extend(q, k_buf, v_buf, ctx.qo_indptr, ctx.kv_indptr, ctx.kv_indices,
+                                 self.scale)
+        return self.o_proj(o.reshape(n, -1).to(x.dtype))  # [N, H]
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:  # [N, H] -> [N, H]
+        # In place: x is the model's own running hidden state, never a caller's tensor.
+        x += self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        x += self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head. `forward(input_ids [N]) -> logits [M, vocab]` (float32), where the
+    ForwardContext supplies positions, KV slots and which M rows (`logits_indices`) to score."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        # An explicit (uninitialised) weight: the default normal_ init is wasted work, and on the
+        # meta device it pulls in torch's decomposition tables (seconds of import time).
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size,
+            _weight=torch.empty(config.vocab_size, config.hidden_size), _freeze=True)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i)
+                                    for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.rotary = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        if input_ids.dim() != 1 or input_ids.shape[0] != ctx.positions.shape[0]:
+            raise ValueError(f"input_ids must be [N] with N == len(ctx.positions) "
+                             f"({ctx.positions.shape[0]}), got shape {tuple(input_ids.shape)}")
+        x = self.embed_tokens(input_ids)  # [N, H], a fresh tensor the layers update in place
+        cos, sin = self.rotary(ctx.positions, x.dtype)  # [N, 1, D/2] each, shared by all layers
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        # RMSNorm is per row, so only the rows whose logits are wanted are normalised and scored.
+        x = self.norm(x[ctx.logits_indices])  # [M, H]
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()  # [M, vocab]
+
+
+def build_model(config: ModelConfig, get: TensorGetter, dtype: torch.dtype,
+                device: torch.device, workers: int = 1) -> LlamaForCausalLM:
+    """Build the model from tensors named as in Hugging Face checkpoints (`model.layers.0.
+    self_attn.q_proj.weight`, ...). `get(name)` returns a tensor or raises ModelLoadError.
+
+    q/k/v and gate/up are fused here; every tensor is shape-checked, cast and moved once.
+    With `workers > 1`, `get` runs on a thread pool (it must then be thread-safe): GGUF
+    dequantization is numpy work that releases the GIL.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = dict(model.named_parameters())
+
+    plan: list[tuple[str, tuple[str, ...]]] = [
+        ("embed_tokens.weight", ("model.embed_tokens.weight",)),
+        ("norm.weight", ("model.norm.weight",)),
+    ]
+    if not config.tie_word_embeddings:
+        plan.append(("lm_head.weight", ("lm_head.weight",)))
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        qkv = [f"{src}self_attn.{p}_proj" for p in ("q", "k", "v")]
+        plan.append((f"{dst}self_attn.qkv_proj.weight", tuple(f"{p}.weight" for p in qkv)))
+        if config.attention_bias:
+            plan.append((f"{dst}self_attn.qkv_proj.bias", tuple(f"{p}.bias" for p in qkv)))
+        plan.append((f"{dst}self_attn.o_proj.weight", (f"{src}self_attn.o_proj.weight",)))
+        if config.o_proj_bias:
+            plan.append((f"{dst}self_attn.o_proj.bias", (f"{src}self_attn.o_proj.bias",)))
+        plan += [
+            (f"{dst}mlp.gate_up_proj.weight",
+             (f"{src}mlp.gate_proj.weight", f"{src}mlp.up_proj.weight")),
+            (f"{dst}mlp.down_proj.weight", (f"{src}mlp.down_proj.weight",)),
+            (f"{dst}input_layernorm.weight", (f"{src}input_layernorm.weight",)),
+            (f"{dst}post_attention_layernorm.weight", (f"{src}post_attention_layernorm.weight",)),
+        ]
+
+    def assemble(name: str, sources: tuple[str, ...], parts: list[torch.Tensor]) -> None:
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        want = expected[name].shape
+        if tensor.shape != want:
+            raise ModelLoadError(f"weight {' + '.join(sources)}: shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(want)}")
+        state[name] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+
+    state: dict[str, torch.Tensor] = {}
+    if workers <= 1:
+        for name, sources in plan:
+            assemble(name, sources, [get(s) for s in sources])
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = {s: pool.submit(get, s) for _, sources in plan for s in sources}
+            try:
+                for name, sources in plan:  # consumed in order: finished tensors are freed early
+                    assemble(name, sources, [futures.pop(s).result() for s in sources])
+            finally:
+                for f in futures.values():
+                    f.cancel()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
