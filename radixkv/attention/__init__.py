@@ -1,10 +1,136 @@
-"""Paged attention over per-token KV slots (`decode`, `extend`) and their metadata builders.
+"""Paged attention over per-token KV slots (`decode`, `extend`) and their metadata builder.
 
-Ragged batches use CSR form: request b reads slots kv_indices[kv_indptr[b]:kv_indptr[b+1]].
-`radixkv.attention.reference` holds the naive implementation the fast kernels are tested against.
+K/V are read straight from `TokenToKVPool` buffers through slot indices, so a request's KV can
+sit anywhere in the pool and a shared prefix is read in place. Ragged batches use CSR form (page
+size 1): request b reads the slots `kv_indices[kv_indptr[b]:kv_indptr[b+1]]`, in position
+order.
+
+Backends, chosen per call from q's device:
+- CUDA: Triton kernels (`triton_backend`): split-KV decode with a log-sum-exp combine, tiled
+  extend.
+- CPU: fused C++ kernels (`cpu_kernels`, built once at first use) for decode and for small
+  extends; large extends (compute bound) run torch's SDPA per request on K/V gathered once.
+  Without a C++ compiler (or with `RADIXKV_CPU_KERNELS=0`) everything runs on `torch_backend`.
+
+`radixkv.attention.reference` is the naive implementation the kernels are tested against.
 """
 
-from radixkv.attention import reference
-from radixkv.attention.reference import decode, extend
+from __future__ import annotations
 
-__all__ = ["decode", "extend", "reference"]
+import os
+
+import torch
+
+from radixkv.attention import cpu_kernels, reference, torch_backend
+from radixkv.attention.indices import build_kv_indices
+from radixkv.attention.validation import (
+    AttentionInputError,
+    check_decode,
+    check_extend,
+    check_index_values,
+)
+
+__all__ = ["AttentionInputError", "build_kv_indices", "decode", "extend", "reference"]
+
+# A request with at least this many (query, key, query head) score entries runs its extend on
+# torch's SDPA (blocked GEMMs, faster on big tiles); smaller ones go to the fused kernel in one
+# call, which has no per-request overhead. Measured crossover on a 2-core AVX2 machine.
+_EXTEND_SDPA_WORK = 1 << 20
+
+
+def _check_cuda_indices() -> bool:
+    return os.environ.get("RADIXKV_CHECK_INDICES", "0") == "1"
+
+
+def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+           kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+           sm_scale: float | None = None) -> torch.Tensor:
+    """Attention of one new query per request over its KV slots.
+
+    Args:
+        q: `[B, Hq, D]` float32 / bfloat16 / float16, the query of each request.
+        k_buffer, v_buffer: `[rows, Hkv, D]`, same dtype and device as q (a layer's pool
+            buffers, `TokenToKVPool.get_kv_buffer(layer)`); Hq must be a multiple of Hkv, and
+            query head h reads KV head h // (Hq // Hkv).
+        kv_indptr: `[B + 1]` int32/int64, CSR offsets into kv_indices.
+        kv_indices: `[nnz]` int32/int64 slots; request b attends to
+            `kv_indices[kv_indptr[b]:kv_indptr[b+1]]` (its whole context, the new token's own
+            K/V included once written).
+        sm_scale: softmax scale, default `1 / sqrt(D)`.
+
+    Returns:
+        o `[B, Hq, D]` in q's dtype; a request with no slots gets zeros.
+
+    Raises `AttentionInputError` on inconsistent shapes/dtypes/devices and `InvalidSlotError`
+    on a malformed kv_indptr or a slot outside the buffers (both before writing any output; on
+    CUDA the value checks run only with `RADIXKV_CHECK_INDICES=1`, as they need a sync).
+    """
+    scale = check_decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, sm_scale)
+    dev = q.device.type
+    if dev == "cuda":
+        if _check_cuda_indices():
+            check_index_values(q.shape[0], k_buffer.shape[0], kv_indptr, kv_indices)
+        from radixkv.attention import triton_backend
+        return triton_backend.decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale)
+    if cpu_kernels.supports(q, k_buffer):
+        return cpu_kernels.decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale)
+    check_index_values(q.shape[0], k_buffer.shape[0], kv_indptr, kv_indices)
+    return torch_backend.decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale)
+
+
+def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+           qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+           sm_scale: float | None = None) -> torch.Tensor:
+    """Attention of a ragged batch of new tokens (prefill, or extend over a cached prefix).
+
+    Convention: request b has `n_b = qo_indptr[b+1] - qo_indptr[b]` new tokens, the rows
+    `q[qo_indptr[b]:qo_indptr[b+1]]`, and `kv_len_b = kv_indptr[b+1] - kv_indptr[b]` slots
+    `kv_indices[kv_indptr[b]:kv_indptr[b+1]]`: its cached prefix first, then its n_b new tokens,
+    whose K/V must already be written to the pool. New token i sits at position
+    `kv_len_b - n_b + i` and attends to positions `0 .. kv_len_b - n_b + i` (the whole prefix,
+    causally to the new tokens).
+
+    Args:
+        q: `[N, Hq, D]`, N = total new tokens; float32 / bfloat16 / float16.
+        k_buffer, v_buffer: `[rows, Hkv, D]`, same dtype and device as q; Hq % Hkv == 0.
+        qo_indptr: `[B + 1]` int32/int64, qo_indptr[0] = 0, qo_indptr[B] = N.
+        kv_indptr: `[B + 1]` int32/int64; kv_indices `[nnz]` int32/int64 slots.
+        sm_scale: softmax scale, default `1 / sqrt(D)`.
+
+    Returns:
+        o `[N, Hq, D]` in q's dtype.
+
+    Raises `AttentionInputError` / `InvalidSlotError` as `decode` does, and `InvalidSlotError`
+    when qo_indptr is malformed or a request has more new tokens than KV slots.
+    """
+    scale = check_extend(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, sm_scale)
+    dev = q.device.type
+    if dev == "cuda":
+        if _check_cuda_indices():
+            check_index_values(q.shape[0], k_buffer.shape[0], kv_indptr, kv_indices, qo_indptr)
+        from radixkv.attention import triton_backend
+        return triton_backend.extend(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
+                                     scale)
+    if not cpu_kernels.supports(q, k_buffer):
+        check_index_values(q.shape[0], k_buffer.shape[0], kv_indptr, kv_indices, qo_indptr)
+        return torch_backend.extend(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
+                                    scale)
+    return _cpu_extend(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices, scale)
+
+
+def _cpu_extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    qo = qo_indptr.to(torch.int64)
+    kv = kv_indptr.to(torch.int64)
+    n_new = qo[1:] - qo[:-1]
+    work = (n_new * (kv[1:] - kv[:-1] - n_new) + n_new * (n_new + 1) // 2) * q.shape[1]
+    big = work >= _EXTEND_SDPA_WORK
+    if not bool(big.any()):
+        return cpu_kernels.extend(q, k_buffer, v_buffer, qo, kv, kv_indices, scale)
+    # The fused call goes first: it validates every index of the batch (raising before any
+    # SDPA work) and computes the small requests; SDPA then fills in the big ones.
+    out = cpu_kernels.extend(q, k_buffer, v_buffer, qo, kv, kv_indices, scale,
+                             requests=(~big).nonzero().view(-1))
+    return torch_backend.extend(q, k_buffer, v_buffer, qo, kv, kv_indices, scale,
+                                requests=big.nonzero().view(-1).tolist(), out=out)

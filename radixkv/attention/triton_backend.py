@@ -1,0 +1,276 @@
+"""Paged attention in Triton, for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1).
+
+- decode: split-KV. Program (b, kv head, split) scores its share of request b's slots for the
+  G = Hq / Hkv query heads of that KV head at once (one K/V tile serves the whole group, no
+  repeat_interleave), keeping a running max / sum in base 2. A second kernel merges the splits
+  with a log-sum-exp combine. The split count is picked on the host from the batch shape only,
+  so no call synchronises the GPU.
+- extend: program (query tile, query head) walks its request's slots in tiles of BLOCK_N,
+  stopping at the causal limit of the tile; the mapping from program to (request, tile) is a
+  cumulative count of tiles per request computed on the device.
+
+Kernels are decorated at first use, keyed on whether the interpreter is on, so a process can
+import this module before or after setting TRITON_INTERPRET. Inputs are assumed validated
+(`radixkv.attention.validation`).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2,
+                   stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                   stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_g < GROUP
+    dmask = offs_d < HEAD_DIM
+    heads = hk * GROUP + offs_g  # [BLOCK_H] the query heads of this KV head
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_H, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+    kv_start = tl.load(KvIndptr + b).to(tl.int64)
+    kv_len = tl.load(KvIndptr + b + 1).to(tl.int64) - kv_start
+    per_split = tl.cdiv(kv_len, NUM_SPLITS)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_len)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < hi
+        slots = tl.load(KvIndices + kv_start + offs_n, mask=nmask, other=0).to(tl.int64)
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(K + slots[:, None] * stride_ks + hk * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, N]
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slots[:, None] * stride_vs + hk * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    # An empty split stores lse = -inf and a zero partial, which the combine weighs by zero.
+    has = l_i > 0
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos
+             + offs_d[None, :], o, mask=hmask[:, None] & dmask[None, :])
+    tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, lse, mask=hmask)
+
+
+def _decode_stage2(MidO, MidLse, O, stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+                   stride_ob, stride_oh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < NUM_SPLITS
+    dmask = offs_d < HEAD_DIM
+    lse = tl.load(MidLse + b * stride_mlb + h * stride_mlh + offs_s, mask=smask,
+                  other=float("-inf"))  # [BLOCK_S]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # an empty request: every weight below is 0
+    w = tl.exp2(lse - m)  # [BLOCK_S]
+    parts = tl.load(MidO + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos
+                    + offs_d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, o.to(O.dtype.element_ty), mask=dmask)
+
+
+def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_log2, batch,
+                   stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                   stride_on, stride_oh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    # Which request and tile: b = number of requests whose tiles all come before pid.
+    offs_b = tl.arange(0, BLOCK_B)
+    ends = tl.load(TileIndptr + 1 + offs_b, mask=offs_b < batch, other=2147483647)
+    b = tl.sum((ends <= pid).to(tl.int32), 0)
+    if b < batch:
+        tile = pid - tl.load(TileIndptr + b)
+        q_start = tl.load(QoIndptr + b).to(tl.int64)
+        n_new = tl.load(QoIndptr + b + 1).to(tl.int64) - q_start
+        kv_start = tl.load(KvIndptr + b).to(tl.int64)
+        kv_len = tl.load(KvIndptr + b + 1).to(tl.int64) - kv_start
+        prefix = kv_len - n_new
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mmask = offs_m < n_new
+        dmask = offs_d < HEAD_DIM
+        q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh
+                    + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        q_pos = prefix + offs_m  # [BLOCK_M] absolute positions of the tile's queries
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        kv_end = tl.minimum(kv_len, prefix + (tile + 1) * BLOCK_M)  # causal limit of the tile
+        for n0 in range(0, kv_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < kv_end
+            slots = tl.load(KvIndices + kv_start + offs_n, mask=nmask, other=0).to(tl.int64)
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(K + slots[:, None] * stride_ks + hk * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            visible = nmask[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            # Every query sees key 0 in the first tile, so m_new is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + slots[:, None] * stride_vs + hk * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(O + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+                 o.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+
+
+_KERNELS: dict[bool, SimpleNamespace] = {}
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _kernels() -> SimpleNamespace:
+    # triton.jit decides at decoration time whether a kernel is interpreted, so decorate lazily
+    # and keep one set per mode.
+    mode = _interpreting()
+    if mode not in _KERNELS:
+        _KERNELS[mode] = SimpleNamespace(
+            stage1=triton.jit(_decode_stage1),
+            stage2=triton.jit(_decode_stage2),
+            extend=triton.jit(_extend_kernel),
+        )
+    return _KERNELS[mode]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # TF32 would lose the float32 accuracy the tests demand; half types ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter's tl.dot returns garbage for bfloat16 operands (triton 3.9), so widen the
+    # tiles to float32 there; compiled kernels keep bf16 tensor-core dots.
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+def _num_splits(batch: int, hkv: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small, but enough to exercise the combine
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Aim for ~2 waves of programs; cap so each split still has work at typical lengths.
+    return max(1, min(16, math.ceil(2 * sms / max(1, batch * hkv))))
+
+
+def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+           kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
+           num_splits: int | None = None) -> torch.Tensor:
+    """Split-KV paged decode: q [B, Hq, D], k_buffer / v_buffer [rows, Hkv, D] -> o [B, Hq, D].
+
+    `num_splits` (default: chosen from B, Hkv and the GPU) is how many programs share one
+    request's slots. A request with no slots gets zeros.
+    """
+    kern = _kernels()
+    bsz, hq, d = q.shape
+    hkv = k_buffer.shape[1]
+    group = hq // hkv
+    o = torch.empty_like(q)
+    if bsz == 0:
+        return o
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    splits = num_splits or _num_splits(bsz, hkv, q.device)
+    mid_o = torch.empty((bsz, hq, splits, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((bsz, hq, splits), dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(d)
+    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    block_n = 64 if block_d <= 128 else 32
+    kern.stage1[(bsz, hkv, splits)](
+        q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, sm_scale * _LOG2E,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
+        NUM_SPLITS=splits, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+    )
+    kern.stage2[(bsz, hq)](
+        mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), o.stride(0), o.stride(1),
+        HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+    )
+    return o
+
+
+def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+           qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+           sm_scale: float) -> torch.Tensor:
+    """Tiled paged extend: q [N, Hq, D] -> o [N, Hq, D] (conventions of `attention.extend`)."""
+    kern = _kernels()
+    n, hq, d = q.shape
+    hkv = k_buffer.shape[1]
+    bsz = qo_indptr.shape[0] - 1
+    o = torch.empty_like(q)
+    if n == 0 or bsz == 0:
+        return o
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_d = triton.next_power_of_2(d)
+    block_m = 32 if block_d <= 128 else 16
+    block_n = 32
+    # Tiles per request, prefix-summed on the device: no host sync to size the grid, which is
+    # the upper bound cdiv(N, BLOCK_M) + B (each request wastes at most one partial tile).
+    new = (qo_indptr[1:] - qo_indptr[:-1]).to(torch.int32)
+    tile_indptr = torch.zeros(bsz + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum((new + block_m - 1) // block_m, 0, out=tile_indptr[1:])
+    grid = (triton.cdiv(n, block_m) + bsz, hq)
+    kern.extend[grid](
+        q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, tile_indptr,
+        sm_scale * _LOG2E, bsz,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1), o.stride(0), o.stride(1),
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_B=max(2, triton.next_power_of_2(bsz)), DOT_PRECISION=_dot_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),
+    )
+    return o
