@@ -80,6 +80,19 @@ def tiny_hf_config(arch: str, **overrides: Any) -> Any:
     return (LlamaConfig if arch == "llama" else Qwen2Config)(**common)
 
 
+def tiny_radixkv_config(**overrides: Any) -> Any:
+    """radixkv's ModelConfig of the tiny Llama (no checkpoint needed)."""
+    from radixkv.model import ModelConfig
+
+    fields: dict[str, Any] = dict(
+        architecture="llama", vocab_size=TINY_VOCAB, hidden_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, intermediate_size=128, rope_theta=10000.0,
+        rope_scaling=None, rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
+        max_position_embeddings=256, bos_token_id=1, eos_token_ids=(0,))
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
 def make_tiny_hf(folder: Path, arch: str, seed: int = 0, max_shard_size: str | None = None,
                  **overrides: Any) -> Any:
     """Random tiny model saved with save_pretrained (plus the tiny tokenizer); returns the HF model.

@@ -13,6 +13,44 @@ from torch import nn
 from radixkv.model.config import ModelConfig, rope_inv_freq
 
 
+def native_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU has a fast GEMM for `dtype` (bf16: AVX512-BF16 / AMX; fp16: AVX512-FP16
+    / AMX-FP16). Without one (e.g. AVX2 only), torch's half GEMM is several times slower than
+    float32."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           upcast_min_rows: int = 0) -> torch.Tensor:
+    """x [M, in] @ weight[out, in].T (+ bias) -> [M, out] in x's dtype.
+
+    With `upcast_min_rows` > 0 and at least that many rows, the product runs in float32 on
+    upcast copies and is rounded back: the same numbers as a half GEMM with float32
+    accumulation, but fast on CPUs without native half GEMMs. Below it (decode-sized M) the
+    native half kernel wins, as it reads half the weight bytes and skips the conversion.
+    """
+    if upcast_min_rows and x.shape[0] >= upcast_min_rows:
+        b = None if bias is None else bias.float()
+        return F.linear(x.float(), weight.float(), b).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose half-precision product may run in float32 (see `linear`)."""
+
+    upcast_min_rows: int = 0  # 0: never; set per model by `configure_half_matmul`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+        return linear(x, self.weight, self.bias, self.upcast_min_rows)
+
+
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 then cast back to x's dtype
     before the weight is applied (the order Hugging Face uses, so bf16 results agree too)."""
@@ -84,8 +122,8 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
         gate_up = self.gate_up_proj(x)  # [N, 2I]
