@@ -265,9 +265,10 @@ def default_lm() -> Any:
     return load_model(None, dtype="float32")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def hf_default(default_lm: Any) -> Any:
-    """transformers' own load of the same GGUF in float32: the reference (slow: ~30 s)."""
+    """transformers' own load of the same GGUF in float32: the reference (slow: ~30 s of CPU;
+    module-scoped so its ~0.6 GB go once the module's tests are done)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(default_lm.path)

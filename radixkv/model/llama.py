@@ -88,7 +88,10 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Decoder + LM head. `forward(input_ids [N]) -> logits [M, vocab]` (float32), where the
-    ForwardContext supplies positions, KV slots and which M rows (`logits_indices`) to score."""
+    ForwardContext supplies positions, KV slots and which M rows (`logits_indices`) to score.
+
+    The constructor leaves the weights uninitialised: build through `build_model` / `load_model`.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
