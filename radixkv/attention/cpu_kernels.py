@@ -193,7 +193,7 @@ def _args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
         kv_indptr.data_ptr(), kv_indices.data_ptr(),
         qo_indptr.data_ptr() if qo_indptr is not None else None,
         req_list.data_ptr() if req_list is not None else None,
-        req_list.shape[0] if req_list is not None else 0,
+        req_list.shape[0] if req_list is not None else -1,  # -1: every request
         sm_scale, torch.get_num_threads(),
     )
 

@@ -120,8 +120,8 @@ struct Args {
   const int64_t* kv_indptr;
   const int64_t* kv_indices;
   const int64_t* qo_indptr;  // extend only
-  const int64_t* req_list;   // extend only: the requests to compute (nullptr: all of them)
-  int64_t n_req_list;
+  const int64_t* req_list;   // extend only: the requests to compute ...
+  int64_t n_req_list;        // ... how many (< 0: all requests; req_list is then unused)
   float sm_scale;
   int64_t nthreads;
 };
@@ -147,9 +147,34 @@ int nthreads_of(const Args& a) { return a.nthreads > 0 ? (int)a.nthreads : 1; }
 // of a slot, contiguous in the pool) is read from memory exactly once. Long requests are split
 // into chunks whose partial (max, sum, acc) are merged afterwards (log-sum-exp combine).
 
-constexpr int DEC_BLK = 32;  // tokens scored before one softmax rescale
+constexpr int DEC_BLK = 64;  // tokens scored before one softmax rescale (a multiple of W)
 
 struct Partial { float* m; float* l; float* acc; };  // [Hq], [Hq], [Hq, D]
+
+// r[u] = sum of the lanes of a[u], u = 0..7: a transposing add tree, ~4x cheaper than 8 hsums.
+inline vf reduce8(const vf* a) {
+  auto hadd = [](vf x, vf y) {
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const vf u0 = hadd(hadd(a[0], a[1]), hadd(a[2], a[3]));  // [a0..a3 low | a0..a3 high]
+  const vf u1 = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// Scores of 8 tokens for one query head: 8 accumulators along D, then one transposing reduce.
+template <typename T, int DV>
+inline vf score8(const float* qp, const T* const* kp, int dv_rt) {
+  const int dv = DV ? DV : dv_rt;
+  vf acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = splat(0.f);
+  for (int j = 0; j < dv; ++j) {
+    const vf qj = load(qp + j * W);
+    for (int u = 0; u < 8; ++u) acc[u] += qj * load(kp[u] + j * W);
+  }
+  return reduce8(acc);
+}
 
 template <typename T, int DV>
 void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_t end,
@@ -165,44 +190,40 @@ void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_
   }
   for (int64_t t0 = beg; t0 < end; t0 += DEC_BLK) {
     const int n = (int)(end - t0 < DEC_BLK ? end - t0 : DEC_BLK);
+    const int n8 = (n + 7) & ~7;
     const int64_t* idx = a.kv_indices + t0;
-    // Scores s[h, t] = q_h . k_t (q already scaled into base 2).
-    for (int t = 0; t < n; ++t) {
-      const T* krow = kb + idx[t] * a.k_ss;
-      if (t + 1 < n) __builtin_prefetch(kb + idx[t + 1] * a.k_ss);
+    // Scores s[h, t] = q_h . k_t (q already scaled into base 2), 8 tokens at a time; the
+    // tail group repeats the last token and its scores are masked to -inf below.
+    for (int t = 0; t < n8; t += 8) {
       for (int64_t hk = 0; hk < hkv; ++hk) {
-        const T* kp = krow + hk * a.k_sh;
+        const T* kp[8];
+        for (int u = 0; u < 8; ++u) {
+          const int tu = t + u < n ? t + u : n - 1;
+          kp[u] = kb + idx[tu] * a.k_ss + hk * a.k_sh;
+        }
         for (int64_t gi = 0; gi < g; ++gi) {
           const int64_t h = hk * g + gi;
-          const float* qp = qs + h * d;
-          vf acc0 = splat(0.f), acc1 = splat(0.f);
-          int j = 0;
-          for (; j + 1 < dv; j += 2) {
-            acc0 += load(qp + j * W) * load(kp + j * W);
-            acc1 += load(qp + (j + 1) * W) * load(kp + (j + 1) * W);
-          }
-          if (j < dv) acc0 += load(qp + j * W) * load(kp + j * W);
-          s[h * DEC_BLK + t] = hsum(acc0 + acc1);
+          store(s + h * DEC_BLK + t, score8<T, DV>(qs + h * d, kp, dv_rt));
         }
       }
     }
     // Online softmax: rescale the running sums once per block.
     for (int64_t h = 0; h < hq; ++h) {
       float* sh = s + h * DEC_BLK;
-      float mb = sh[0];
-      for (int t = 1; t < n; ++t) mb = sh[t] > mb ? sh[t] : mb;
+      for (int t = n; t < n8; ++t) sh[t] = -__builtin_inff();
+      vf mv = load(sh);
+      for (int t = W; t < n8; t += W) mv = vmax(mv, load(sh + t));
+      const float mb = hmax(mv);
       const float m_new = mb > out.m[h] ? mb : out.m[h];
       const float alpha = exp2s(out.m[h] - m_new);
       out.m[h] = m_new;
-      float lsum = 0.f;
-      int t = 0;
-      for (; t + W <= n; t += W) {
-        vf p = exp2v(load(sh + t) - splat(m_new));
+      vf ls = splat(0.f);
+      for (int t = 0; t < n8; t += W) {
+        const vf p = exp2v(load(sh + t) - splat(m_new));
         store(sh + t, p);
-        lsum += hsum(p);
+        ls += p;
       }
-      for (; t < n; ++t) { sh[t] = exp2s(sh[t] - m_new); lsum += sh[t]; }
-      out.l[h] = out.l[h] * alpha + lsum;
+      out.l[h] = out.l[h] * alpha + hsum(ls);
       if (alpha != 1.f) {
         float* ah = out.acc + h * d;
         for (int j = 0; j < dv; ++j) store(ah + j * W, load(ah + j * W) * splat(alpha));
@@ -335,20 +356,63 @@ int64_t decode_impl(const Args& a) {
 // ---- extend -------------------------------------------------------------------------------
 // One task = (request, tile of up to EXT_BM new tokens, KV head). The tile's rows are its
 // queries times the query heads sharing that KV head, so each K/V block gathered from the pool
-// serves G heads. K blocks are transposed into a float tile so scores vectorise over tokens.
+// (and widened to float32 once) serves G heads. Scores are dot products along D, two rows by
+// four tokens at a time (8 vector accumulators, one transposing reduce); P @ V keeps three
+// output rows by 32 columns in registers.
 
 constexpr int EXT_BM = 16;  // queries per tile
-constexpr int EXT_BN = 64;  // KV tokens per block
+constexpr int EXT_BN = 64;  // KV tokens per block (a multiple of 4)
+
+// sc[r, t] for r in {r0, r1}, t in [t, t + 4): q rows are q0 / q1, K rows kf + t * d.
+template <int DV>
+inline void score2x4(const float* q0, const float* q1, const float* kf, int64_t d, int dv_rt,
+                     float* s0, float* s1) {
+  const int dv = DV ? DV : dv_rt;
+  vf acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = splat(0.f);
+  for (int j = 0; j < dv; ++j) {
+    const vf a0 = load(q0 + j * W), a1 = load(q1 + j * W);
+    for (int u = 0; u < 4; ++u) {
+      const vf kv = load(kf + u * d + j * W);
+      acc[u] += a0 * kv;
+      acc[4 + u] += a1 * kv;
+    }
+  }
+  const vf r = reduce8(acc);  // [row0 t0..t3 | row1 t0..t3]
+  for (int u = 0; u < 4; ++u) { s0[u] = r[u]; s1[u] = r[4 + u]; }
+}
+
+// o[r, c .. c + 32) += sum_t p[r, t] * v[t, c .. c + 32) for NR rows (NR <= 3).
+template <int NR>
+inline void pv_rows(float* const* o, const float* const* p, const float* vt, int64_t d,
+                    int64_t c, int n) {
+  vf acc[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < 4; ++u) acc[r][u] = load(o[r] + c + u * W);
+  for (int t = 0; t < n; ++t) {
+    const float* vr = vt + t * d + c;
+    const vf v0 = load(vr), v1 = load(vr + W), v2 = load(vr + 2 * W), v3 = load(vr + 3 * W);
+    for (int r = 0; r < NR; ++r) {
+      const vf pr = splat(p[r][t]);
+      acc[r][0] += pr * v0;
+      acc[r][1] += pr * v1;
+      acc[r][2] += pr * v2;
+      acc[r][3] += pr * v3;
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < 4; ++u) store(o[r] + c + u * W, acc[r][u]);
+}
 
 template <typename T, int DV>
 void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, int64_t hk,
-                 float* qs, float* sc, float* kt, float* vt, float* acc, float* m, float* l) {
-  const int dv = DV ? DV : dv_rt;
+                 float* qs, float* sc, float* kf, float* vt, float* acc, float* m, float* l) {
   const int64_t g = a.hq / a.hkv, d = a.d;
   const int64_t q_beg = a.qo_indptr[b], n_new = a.qo_indptr[b + 1] - q_beg;
   const int64_t kv0 = a.kv_indptr[b], kv_len = a.kv_indptr[b + 1] - kv0;
   const int64_t prefix = kv_len - n_new;
   const int64_t nq = qt1 - qt0, R = nq * g;  // rows: r = qi * g + gi
+  const int64_t R2 = (R + 1) & ~(int64_t)1;  // scores are computed for row pairs
   const float scale = a.sm_scale * 1.4426950408889634f;
   const T* kb = (const T*)a.k;
   const T* vb = (const T*)a.v;
@@ -359,94 +423,84 @@ void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, 
       float* dst = qs + (qi * g + gi) * d;
       for (int64_t j = 0; j < d; j += W) store(dst + j, load(src + j) * splat(scale));
     }
+  if (R2 > R) std::memset(qs + R * d, 0, sizeof(float) * d);  // the odd row's partner
   for (int64_t r = 0; r < R; ++r) { m[r] = -__builtin_inff(); l[r] = 0.f; }
   std::memset(acc, 0, sizeof(float) * R * d);
   // Query qi sits at position prefix + qt0 + qi and sees positions 0 .. that position.
   const int64_t kv_end = prefix + qt1;
   for (int64_t j0 = 0; j0 < kv_end; j0 += EXT_BN) {
     const int n = (int)(kv_end - j0 < EXT_BN ? kv_end - j0 : EXT_BN);
-    const int nv = (n + W - 1) / W;
+    const int n4 = (n + 3) & ~3;
     const int64_t* idx = a.kv_indices + kv0 + j0;
-    // Gather: kt[dd, t] = K[slot_t, hk, dd] (transposed), vt[t, :] = V[slot_t, hk, :].
+    // Gather this block's K and V rows of head hk from the pool, widened to float32.
     for (int t = 0; t < n; ++t) {
       const T* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
       const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
       for (int64_t j = 0; j < d; j += W) {
-        vf kv = load(kp + j);
-        for (int e = 0; e < W; ++e) kt[(j + e) * EXT_BN + t] = kv[e];
+        store(kf + t * d + j, load(kp + j));
         store(vt + t * d + j, load(vp + j));
       }
     }
-    for (int t = n; t < nv * W; ++t)
-      for (int64_t dd = 0; dd < d; ++dd) kt[dd * EXT_BN + t] = 0.f;
-    // Scores sc[r, t] = q_r . k_t, two rows at a time to reuse each loaded K vector.
-    int64_t r = 0;
-    for (; r + 1 < R; r += 2) {
-      vf s0[EXT_BN / W], s1[EXT_BN / W];
-      for (int c = 0; c < nv; ++c) { s0[c] = splat(0.f); s1[c] = splat(0.f); }
-      const float* q0 = qs + r * d;
-      const float* q1 = q0 + d;
-      for (int64_t dd = 0; dd < d; ++dd) {
-        const vf a0 = splat(q0[dd]), a1 = splat(q1[dd]);
-        const float* krow = kt + dd * EXT_BN;
-        for (int c = 0; c < nv; ++c) {
-          const vf kv = load(krow + c * W);
-          s0[c] += a0 * kv;
-          s1[c] += a1 * kv;
-        }
-      }
-      for (int c = 0; c < nv; ++c) {
-        store(sc + r * EXT_BN + c * W, s0[c]);
-        store(sc + (r + 1) * EXT_BN + c * W, s1[c]);
-      }
-    }
-    for (; r < R; ++r) {
-      vf s0[EXT_BN / W];
-      for (int c = 0; c < nv; ++c) s0[c] = splat(0.f);
-      const float* q0 = qs + r * d;
-      for (int64_t dd = 0; dd < d; ++dd) {
-        const vf a0 = splat(q0[dd]);
-        for (int c = 0; c < nv; ++c) s0[c] += a0 * load(kt + dd * EXT_BN + c * W);
-      }
-      for (int c = 0; c < nv; ++c) store(sc + r * EXT_BN + c * W, s0[c]);
-    }
-    // Causal mask, online softmax and acc += p @ V for each row.
-    for (r = 0; r < R; ++r) {
-      const int64_t qpos = prefix + qt0 + r / g;
-      const int64_t lim = qpos - j0 + 1;  // columns t < lim are visible
-      if (lim <= 0) continue;
-      const int nvis = lim < n ? (int)lim : n;
+    for (int t = n; t < n4; ++t) std::memset(kf + t * d, 0, sizeof(float) * d);
+    // Does this block cross the causal diagonal of any row of the tile?
+    const bool masked = j0 + n - 1 > prefix + qt0;
+    for (int64_t r = 0; r < R2; r += 2)
+      for (int t = 0; t < n4; t += 4)
+        score2x4<DV>(qs + r * d, qs + (r + 1) * d, kf + t * d, d, dv_rt,
+                     sc + r * EXT_BN + t, sc + (r + 1) * EXT_BN + t);
+    // Causal mask and online softmax, row by row.
+    const int n8 = (n + 7) & ~7;
+    int nvis_all = 0;
+    for (int64_t r = 0; r < R; ++r) {
       float* sr = sc + r * EXT_BN;
-      for (int t = nvis; t < nv * W; ++t) sr[t] = -__builtin_inff();
+      int nvis = n;
+      if (masked) {
+        const int64_t lim = prefix + qt0 + r / g - j0 + 1;  // columns t < lim are visible
+        nvis = lim < n ? (int)(lim > 0 ? lim : 0) : n;
+      }
+      if (nvis == 0) {  // the whole block is in this row's future: p = 0
+        std::memset(sr, 0, sizeof(float) * n8);
+        continue;
+      }
+      for (int t = nvis; t < n8; ++t) sr[t] = -__builtin_inff();
+      nvis_all = nvis > nvis_all ? nvis : nvis_all;
       vf mv = load(sr);
-      for (int c = 1; c < nv; ++c) mv = vmax(mv, load(sr + c * W));
+      for (int t = W; t < n8; t += W) mv = vmax(mv, load(sr + t));
       const float mb = hmax(mv);
       const float m_new = mb > m[r] ? mb : m[r];
       const float alpha = exp2s(m[r] - m_new);
       m[r] = m_new;
       vf ls = splat(0.f);
-      for (int c = 0; c < nv; ++c) {
-        const vf p = exp2v(load(sr + c * W) - splat(m_new));
-        store(sr + c * W, p);
+      for (int t = 0; t < n8; t += W) {
+        const vf p = exp2v(load(sr + t) - splat(m_new));
+        store(sr + t, p);
         ls += p;
       }
       l[r] = l[r] * alpha + hsum(ls);
-      float* ar = acc + r * d;
-      if (DV) {
-        vf o[DV ? DV : 1];
-        for (int j = 0; j < DV; ++j) o[j] = load(ar + j * W) * splat(alpha);
-        for (int t = 0; t < nvis; ++t) {
-          const vf p = splat(sr[t]);
-          const float* vr = vt + t * d;
-          for (int j = 0; j < DV; ++j) o[j] += p * load(vr + j * W);
+      if (alpha != 1.f) {
+        float* ar = acc + r * d;
+        for (int64_t j = 0; j < d; j += W) store(ar + j, load(ar + j) * splat(alpha));
+      }
+    }
+    // acc += P @ V, three rows by 32 columns at a time (masked entries of P are zero).
+    if (d % (4 * W) == 0) {
+      for (int64_t r = 0; r < R; r += 3) {
+        const int nr = (int)(R - r < 3 ? R - r : 3);
+        float* o[3] = {acc + r * d, acc + (r + 1) * d, acc + (r + 2) * d};
+        const float* p[3] = {sc + r * EXT_BN, sc + (r + 1) * EXT_BN, sc + (r + 2) * EXT_BN};
+        for (int64_t c = 0; c < d; c += 4 * W) {
+          if (nr == 3) pv_rows<3>(o, p, vt, d, c, nvis_all);
+          else if (nr == 2) pv_rows<2>(o, p, vt, d, c, nvis_all);
+          else pv_rows<1>(o, p, vt, d, c, nvis_all);
         }
-        for (int j = 0; j < DV; ++j) store(ar + j * W, o[j]);
-      } else {
-        for (int j = 0; j < dv; ++j) store(ar + j * W, load(ar + j * W) * splat(alpha));
-        for (int t = 0; t < nvis; ++t) {
-          const vf p = splat(sr[t]);
-          const float* vr = vt + t * d;
-          for (int j = 0; j < dv; ++j) store(ar + j * W, load(ar + j * W) + p * load(vr + j * W));
+      }
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        float* ar = acc + r * d;
+        const float* pr = sc + r * EXT_BN;
+        for (int t = 0; t < nvis_all; ++t) {
+          const vf pv = splat(pr[t]);
+          for (int64_t j = 0; j < d; j += W) store(ar + j, load(ar + j) + pv * load(vt + t * d + j));
         }
       }
     }
@@ -465,8 +519,9 @@ template <typename T, int DV>
 int64_t extend_impl(const Args& a) {
   const int64_t g = a.hq / a.hkv, d = a.d;
   // Requests to compute: all, or the caller's subset (the rest go to another path).
-  const int64_t B = a.req_list ? a.n_req_list : a.batch;
-  auto req = [&](int64_t i) { return a.req_list ? a.req_list[i] : i; };
+  const bool subset = a.n_req_list >= 0;
+  const int64_t B = subset ? a.n_req_list : a.batch;
+  auto req = [&](int64_t i) { return subset ? a.req_list[i] : i; };
   // Tasks: (request, query tile) pairs times KV heads.
   std::vector<int64_t> tile_start(B + 1);
   tile_start[0] = 0;
@@ -479,8 +534,8 @@ int64_t extend_impl(const Args& a) {
   const int nt = nthreads_of(a);
 #pragma omp parallel num_threads(nt) if (nt > 1 && ntasks > 1)
   {
-    const int64_t R = EXT_BM * g;
-    std::vector<float> qs((size_t)(R * d)), sc((size_t)(R * EXT_BN)), kt((size_t)(d * EXT_BN)),
+    const int64_t R = EXT_BM * g + 1;  // + 1: the partner of an odd last row
+    std::vector<float> qs((size_t)(R * d)), sc((size_t)(R * EXT_BN)), kf((size_t)(d * EXT_BN)),
         vt((size_t)(EXT_BN * d)), acc((size_t)(R * d)), m((size_t)R), l((size_t)R);
     // Later tiles of a request see more KV (causal), so hand out tasks from the end first.
 #pragma omp for schedule(dynamic, 1)
@@ -496,7 +551,7 @@ int64_t extend_impl(const Args& a) {
       const int64_t n_new = a.qo_indptr[b + 1] - a.qo_indptr[b];
       const int64_t qt0 = (tile - tile_start[lo]) * EXT_BM;
       const int64_t qt1 = qt0 + EXT_BM < n_new ? qt0 + EXT_BM : n_new;
-      extend_tile<T, DV>(a, (int)(d / W), b, qt0, qt1, hk, qs.data(), sc.data(), kt.data(),
+      extend_tile<T, DV>(a, (int)(d / W), b, qt0, qt1, hk, qs.data(), sc.data(), kf.data(),
                          vt.data(), acc.data(), m.data(), l.data());
     }
   }
@@ -547,7 +602,7 @@ int64_t rkv_extend(int64_t dtype, const Args* a) {
     if (qp[b + 1] < qp[b]) return BAD_QO_INDPTR;
     if (qp[b + 1] - qp[b] > a->kv_indptr[b + 1] - a->kv_indptr[b]) return BAD_EXTEND_LEN;
   }
-  for (int64_t i = 0; a->req_list && i < a->n_req_list; ++i)
+  for (int64_t i = 0; i < a->n_req_list; ++i)
     if (a->req_list[i] < 0 || a->req_list[i] >= a->batch) return BAD_REQ_LIST;
   switch (dtype) {
     case F32: return extend_t<float>(*a);
