@@ -110,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     on = LLM(dtype=args.dtype, max_total_tokens=40_000)
-    off = LLM(dtype=args.dtype, max_total_tokens=40_000, enable_prefix_cache=False)
+    off = LLM(on.lm, max_total_tokens=40_000, enable_prefix_cache=False)  # same weights
     shared = shared_prompts(on, args.requests)
     unshared = unshared_like(shared, on.lm.config.vocab_size)
     print(f"model {on.lm.path.split('/')[-1]} ({args.dtype}), {args.requests} requests x "

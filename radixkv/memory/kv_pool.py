@@ -69,10 +69,14 @@ class TokenToKVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_slots + 1, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=self.device)
+        # Uninitialised: a slot is only read after its K/V were written, and untouched pages of a
+        # large pool then cost no memory. Slot 0 (padding) is zeroed so a masked read is finite.
+        self.k_buffers = [torch.empty(shape, dtype=dtype, device=self.device)
                           for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_buffers = [torch.empty(shape, dtype=dtype, device=self.device)
                           for _ in range(num_layers)]
+        for buf in (*self.k_buffers, *self.v_buffers):
+            buf[0].zero_()
         # Free stack: the top `_n_free` entries of `_stack` are the free slots. Allocation pops
         # from the top, so recently freed (cache-warm) slots are reused first.
         self._stack = np.empty(num_slots, dtype=np.int64)
