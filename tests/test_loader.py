@@ -127,6 +127,9 @@ def test_config_from_old_style_json() -> None:
     ({"mlp_bias": True}, "mlp_bias"),
     ({"num_key_value_heads": 3}, "multiple"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention"]},
+     "sliding"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "sliding"),
 ])
 def test_unsupported_configs(extra: dict, match: str) -> None:
     with pytest.raises(ModelLoadError, match=match):

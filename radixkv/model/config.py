@@ -144,6 +144,8 @@ def config_from_hf(cfg: Mapping[str, Any], generation_cfg: Mapping[str, Any] | N
         raise ModelLoadError("config.json: mlp_bias=true is not supported")
     if model_type == "qwen2" and cfg.get("use_sliding_window"):
         raise ModelLoadError("config.json: Qwen2 use_sliding_window=true is not supported")
+    if any(t != "full_attention" for t in cfg.get("layer_types") or ()):
+        raise ModelLoadError("config.json: sliding-window layers (layer_types) are not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"config.json: hidden_act {cfg.get('hidden_act')!r} is not supported")
     try:
