@@ -3,6 +3,7 @@
     radixkv calc llama-3-70b --context 4096 --tp 4      KV bytes per token/request, capacity
     radixkv simulate [--random] [--plot out.png]        contiguous vs paged fragmentation
     radixkv viz --out DIR                               radix tree and KV pool pictures
+    radixkv bench [--quick] [--out DIR]                 prefix-sharing benchmark suite
 
 Each subcommand imports what it needs inside its handler, so `radixkv calc` does not load
 matplotlib, gguf or the model stack. To add a subcommand, write `_add_<name>(subparsers)` that
@@ -158,7 +159,47 @@ def _run_viz(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_calc, _add_simulate, _add_viz]
+# ---- bench -------------------------------------------------------------------------------------
+def _bench_importable() -> bool:
+    """Make the source checkout's `bench/` package importable (it is not installed with radixkv:
+    `radixkv bench` works from a source or editable install)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "suite" / "options.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.util.find_spec("bench.suite.options") is not None
+
+
+def _add_bench(sub: Subparsers) -> None:
+    if not _bench_importable():
+        p = sub.add_parser("bench", help="prefix-sharing benchmark suite (source checkout only)")
+        p.set_defaults(func=_run_bench_missing)
+        return
+    from bench.suite.options import DESCRIPTION, add_arguments  # argparse only: cheap
+
+    p = sub.add_parser("bench", help="prefix-sharing benchmark suite: hit rates vs optima, "
+                       "throughput, TTFT, KV memory", description=DESCRIPTION)
+    add_arguments(p)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from bench.suite.run import execute
+
+    return execute(args)
+
+
+def _run_bench_missing(args: argparse.Namespace) -> int:
+    from radixkv.errors import ConfigError
+
+    raise ConfigError("the benchmark suite lives in the source tree's bench/ folder; run "
+                      "`python -m bench` from a radixkv checkout")
+
+
+_SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_calc, _add_simulate, _add_viz,
+                                                    _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
