@@ -16,6 +16,7 @@ import this module before or after setting TRITON_INTERPRET. Inputs are assumed 
 
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -196,10 +197,15 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_splits(batch: int, hkv: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: small, but enough to exercise the combine
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     # Aim for ~2 waves of programs; cap so each split still has work at typical lengths.
     return max(1, min(16, math.ceil(2 * sms / max(1, batch * hkv))))
 
@@ -223,8 +229,8 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     splits = num_splits or _num_splits(bsz, hkv, q.device)
     mid_o = torch.empty((bsz, hq, splits, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((bsz, hq, splits), dtype=torch.float32, device=q.device)
-    block_d = triton.next_power_of_2(d)
-    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+    block_h = max(16, triton.next_power_of_2(group))  # ... and M >= 16
     block_n = 64 if block_d <= 128 else 32
     kern.stage1[(bsz, hkv, splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, sm_scale * _LOG2E,
@@ -255,7 +261,7 @@ def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     if n == 0 or bsz == 0:
         return o
     q = q if q.stride(-1) == 1 else q.contiguous()
-    block_d = triton.next_power_of_2(d)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
     block_m = 32 if block_d <= 128 else 16
     block_n = 32
     # Tiles per request, prefix-summed on the device: no host sync to size the grid, which is

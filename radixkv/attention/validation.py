@@ -15,6 +15,7 @@ import torch
 from radixkv.errors import InvalidSlotError, RadixKVError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 class AttentionInputError(RadixKVError, ValueError):
@@ -25,7 +26,7 @@ class AttentionInputError(RadixKVError, ValueError):
 def _index_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 1:
         raise AttentionInputError(f"{name} must be a 1-D tensor")
-    if t.dtype not in (torch.int32, torch.int64):
+    if t.dtype not in _INDEX_DTYPES:
         raise AttentionInputError(f"{name} must be int32 or int64, got {t.dtype}")
     if t.device != device:
         raise AttentionInputError(f"{name} is on {t.device} but q is on {device}")
@@ -36,10 +37,36 @@ def check_common(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
                  sm_scale: float | None) -> float:
     """Validate q [N, Hq, D], k_buffer / v_buffer [rows, Hkv, D] and the CSR index tensors;
     returns the softmax scale (default 1 / sqrt(D))."""
+    # One boolean expression for the common (valid) case: the model calls this per layer, so
+    # it must cost microseconds; `_diagnose` finds what is wrong only when it fails.
+    try:
+        qs, ks, dt, dev = q.shape, k_buffer.shape, q.dtype, q.device
+        ok = (len(qs) == 3 and len(ks) == 3 and ks == v_buffer.shape and dt in FLOAT_DTYPES
+              and k_buffer.dtype is dt and v_buffer.dtype is dt and qs[2] == ks[2] > 0
+              and ks[1] > 0 and qs[1] % ks[1] == 0
+              and kv_indptr.dim() == 1 and kv_indices.dim() == 1 and kv_indptr.shape[0] >= 1
+              and kv_indptr.dtype in _INDEX_DTYPES and kv_indices.dtype in _INDEX_DTYPES
+              and k_buffer.device == dev and v_buffer.device == dev
+              and kv_indptr.device == dev and kv_indices.device == dev)
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok:
+        _diagnose(q, k_buffer, v_buffer, kv_indptr, kv_indices)
+    if sm_scale is None:
+        return 1.0 / math.sqrt(qs[2])
+    scale = float(sm_scale)
+    if not math.isfinite(scale):
+        raise AttentionInputError(f"sm_scale must be finite, got {sm_scale}")
+    return scale
+
+
+def _diagnose(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+              kv_indptr: torch.Tensor, kv_indices: torch.Tensor) -> None:
+    """Raise an `AttentionInputError` naming the first inconsistency found."""
     for name, t in (("q", q), ("k_buffer", k_buffer), ("v_buffer", v_buffer)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise AttentionInputError(f"{name} must be a 3-D tensor, got shape "
-                                      f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t}")
+            raise AttentionInputError(f"{name} must be a 3-D tensor, got "
+                                      f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
         if t.dtype not in FLOAT_DTYPES:
             raise AttentionInputError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if k_buffer.shape != v_buffer.shape:
@@ -55,20 +82,15 @@ def check_common(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     if k_buffer.shape[2] != d:
         raise AttentionInputError(f"head_dim of q ({d}) and of the K/V buffers "
                                   f"({k_buffer.shape[2]}) differ")
-    if hkv == 0 or hq % hkv != 0:
-        raise AttentionInputError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if d == 0:
         raise AttentionInputError("head_dim must be positive")
+    if hkv == 0 or hq % hkv != 0:
+        raise AttentionInputError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     _index_tensor("kv_indptr", kv_indptr, q.device)
     _index_tensor("kv_indices", kv_indices, q.device)
     if kv_indptr.shape[0] < 1:
         raise AttentionInputError("kv_indptr needs at least one entry (B + 1 for B requests)")
-    if sm_scale is None:
-        return 1.0 / math.sqrt(d)
-    scale = float(sm_scale)
-    if not math.isfinite(scale):
-        raise AttentionInputError(f"sm_scale must be finite, got {sm_scale}")
-    return scale
+    raise AttentionInputError("inconsistent attention inputs")  # unreachable in practice
 
 
 def check_decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,

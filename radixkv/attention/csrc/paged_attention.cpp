@@ -122,9 +122,10 @@ struct Args {
   const int64_t* qo_indptr;  // extend only
   const int64_t* req_list;   // extend only: the requests to compute ...
   int64_t n_req_list;        // ... how many (< 0: all requests; req_list is then unused)
-  float sm_scale;
+  double sm_scale;
   int64_t nthreads;
-};
+};  // every field is 8 bytes: cpu_kernels.py packs it with struct.pack("<24qdq")
+static_assert(sizeof(Args) == 26 * 8, "Args must stay 26 packed 8-byte fields");
 
 int64_t check_csr(const Args& a) {
   const int64_t* ip = a.kv_indptr;
@@ -141,6 +142,10 @@ int64_t check_csr(const Args& a) {
 }
 
 int nthreads_of(const Args& a) { return a.nthreads > 0 ? (int)a.nthreads : 1; }
+
+// Below this many multiply-adds a call runs single-threaded (an OpenMP fork/join costs a few
+// microseconds, about this much work).
+constexpr int64_t PAR_MIN_WORK = 1 << 16;
 
 // ---- decode -------------------------------------------------------------------------------
 // One task = one request's chunk of KV tokens, all heads at once, so each K/V row (all KV heads
@@ -278,7 +283,7 @@ template <typename T, int DV>
 int64_t decode_impl(const Args& a) {
   const int64_t B = a.batch, hq = a.hq, d = a.d;
   const int nt = nthreads_of(a);
-  const float scale = a.sm_scale * 1.4426950408889634f;
+  const float scale = (float)(a.sm_scale * 1.4426950408889634);
   // Chunking: enough tasks to balance ragged lengths over the threads, but chunks long enough
   // that the merge and per-chunk setup stay negligible.
   const int64_t total = a.kv_indptr[B] - a.kv_indptr[0];
@@ -297,7 +302,9 @@ int64_t decode_impl(const Args& a) {
   const int64_t pstride = hq * (d + 2);
   std::vector<float> part((size_t)(ntasks * pstride));
 
-#pragma omp parallel num_threads(nt) if (nt > 1 && ntasks > 1)
+  // Tiny batches run on the calling thread: waking the pool costs more than the work.
+  const bool par = nt > 1 && ntasks > 1 && total * hq * d >= PAR_MIN_WORK;
+#pragma omp parallel num_threads(nt) if (par)
   {
     std::vector<float> qs((size_t)(hq * d)), s((size_t)(hq * DEC_BLK));
     int64_t q_row = -1;
@@ -413,7 +420,7 @@ void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, 
   const int64_t prefix = kv_len - n_new;
   const int64_t nq = qt1 - qt0, R = nq * g;  // rows: r = qi * g + gi
   const int64_t R2 = (R + 1) & ~(int64_t)1;  // scores are computed for row pairs
-  const float scale = a.sm_scale * 1.4426950408889634f;
+  const float scale = (float)(a.sm_scale * 1.4426950408889634);
   const T* kb = (const T*)a.k;
   const T* vb = (const T*)a.v;
   const T* qb = (const T*)a.q;
@@ -532,7 +539,8 @@ int64_t extend_impl(const Args& a) {
   }
   const int64_t ntiles = tile_start[B], ntasks = ntiles * a.hkv;
   const int nt = nthreads_of(a);
-#pragma omp parallel num_threads(nt) if (nt > 1 && ntasks > 1)
+  const bool par = nt > 1 && ntasks > 1 && a.n_q * a.hq * d * EXT_BN >= PAR_MIN_WORK;
+#pragma omp parallel num_threads(nt) if (par)
   {
     const int64_t R = EXT_BM * g + 1;  // + 1: the partner of an odd last row
     std::vector<float> qs((size_t)(R * d)), sc((size_t)(R * EXT_BN)), kf((size_t)(d * EXT_BN)),
