@@ -56,10 +56,10 @@ def copy_bandwidth(mb: int = 512) -> tuple[float, float]:
     return 2 * nbytes / t_copy / 1e9, nbytes / t_read / 1e9
 
 
-def row(name: str, seconds: float, nbytes: float, base: float | None = None,
-        unit: str = "step") -> None:
+def row(name: str, seconds: float, amount: float, unit: str, base: float | None = None) -> None:
+    """One result line: ms per step, `amount` per second in `unit` (GB or GFLOP), ratio."""
     ratio = f"{seconds / base:6.2f}x" if base else "      "
-    print(f"  {name:<46} {seconds * 1e3:9.2f} ms/{unit:<5} {nbytes / seconds / 1e9:7.1f} GB/s"
+    print(f"  {name:<48} {seconds * 1e3:9.2f} ms/step {amount / seconds / 1e9:7.1f} {unit}/s"
           f"  {ratio}")
 
 
@@ -136,18 +136,18 @@ def main() -> None:
                                            enable_gqa=True)
 
     print(f"\ndecode: batch {bsz} x context {ctx}, Hq={hq} Hkv={hkv} D={d}, {layers} layers "
-          f"({kv_bytes / 1e6:.0f} MB of KV per step); ratio vs the best contiguous baseline")
+          f"({kv_bytes / 1e6:.0f} MB of KV per step); GB/s of KV read, ratio vs the best (c)")
     t_mm = timed(contiguous_mm, args.iters)
     t_sdpa = timed(contiguous_sdpa, args.iters)
     base = min(t_mm, t_sdpa)
     t_a = timed(paged(scattered), args.iters)
     t_b = timed(paged(in_order), args.iters)
-    row("(a) paged, scattered slots", t_a, kv_bytes, base)
-    row("(b) paged, slots in order", t_b, kv_bytes, base)
-    row("(c) contiguous matmul-softmax-matmul", t_mm, kv_bytes, base)
-    row("(c) contiguous SDPA (enable_gqa)", t_sdpa, kv_bytes, base)
+    row("(a) paged, scattered slots", t_a, kv_bytes, "GB", base)
+    row("(b) paged, slots in order", t_b, kv_bytes, "GB", base)
+    row("(c) contiguous matmul-softmax-matmul", t_mm, kv_bytes, "GB", base)
+    row("(c) contiguous SDPA (enable_gqa)", t_sdpa, kv_bytes, "GB", base)
     t_fb = timed(paged(scattered, torch_backend.decode), max(1, args.iters // 2))
-    row("    torch fallback backend, scattered slots", t_fb, kv_bytes, base)
+    row("    torch fallback backend, scattered slots", t_fb, kv_bytes, "GB", base)
 
     # Per-call overhead: tiny contexts, where fixed costs dominate.
     small_ip = torch.tensor([0, 16])
@@ -177,7 +177,6 @@ def main() -> None:
     ext_indptr = torch.arange(bsz + 1, dtype=torch.int64) * kv_len
     qo_indptr = torch.arange(bsz + 1, dtype=torch.int64) * n_new
     qe = torch.randn(bsz * n_new, hq, d).to(dtype)
-    ext_bytes = 2 * bsz * kv_len * hkv * d * elem * layers
     flops = 4 * bsz * hq * d * (n_new * prefix + n_new * (n_new + 1) / 2) * layers
 
     def paged_ext(indices: torch.Tensor, fn: Callable[..., torch.Tensor] = attention.extend
@@ -205,17 +204,18 @@ def main() -> None:
     iters = max(1, args.iters // 2)
     print(f"\nextend: {bsz} requests x {n_new} new tokens over {prefix}-token cached prefixes, "
           f"{ext_layers} layers timed, scaled to {layers} "
-          f"({flops / 1e9:.0f} GFLOP per step); columns: ms/step, KV GB/s, ratio")
+          f"({flops / 1e9:.0f} GFLOP per step); ratio vs (c)")
     t_c = timed(contiguous_ext, iters) * per
     t_a = timed(paged_ext(scattered), iters) * per
     t_b = timed(paged_ext(in_order), iters) * per
-    row("(a) paged, scattered slots", t_a, ext_bytes, t_c)
-    row("(b) paged, slots in order", t_b, ext_bytes, t_c)
-    row("(c) contiguous SDPA (bottom-right causal mask)", t_c, ext_bytes, t_c)
+    row("(a) paged, scattered slots", t_a, flops, "GFLOP", t_c)
+    row("(b) paged, slots in order", t_b, flops, "GFLOP", t_c)
+    row("(c) contiguous SDPA (bottom-right causal mask)", t_c, flops, "GFLOP", t_c)
     if fused:
         t_f = timed(paged_ext(scattered, cpu_kernels.extend), iters) * per
-        row("    fused kernel only, scattered slots", t_f, ext_bytes, t_c)
-    print(f"  (c) runs at {flops / t_c / 1e9:.1f} GFLOP/s, (a) at {flops / t_a / 1e9:.1f} GFLOP/s")
+        row("    fused kernel for every request, scattered", t_f, flops, "GFLOP", t_c)
+    print("  (a)/(b) use the dispatcher: requests this big run SDPA on K/V gathered per request;"
+          " smaller ones the fused kernel")
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ from radixkv.attention.validation import (
 __all__ = ["AttentionInputError", "build_kv_indices", "decode", "extend", "reference"]
 
 # A request with at least this many (query, key, query head) score entries runs its extend on
-# torch's SDPA (oneDNN/MKL blocked GEMMs); smaller ones go to the fused kernel in one call,
-# which has no per-request overhead. On the 2-core AVX2 machine this was written on, the fused
-# kernel matched SDPA even at 8.3M entries per request (512 new over 2048), so SDPA only takes
-# very large requests, where its wider SIMD (AVX-512 machines) can pay off.
-_EXTEND_SDPA_WORK = 1 << 24
+# torch's SDPA (flash kernel on oneDNN/MKL GEMMs) over K/V gathered once; smaller ones go to the
+# fused kernel in one call, which has no per-request overhead. Measured single-threaded on the
+# 2-core AVX2 machine this was written on: the fused kernel wins below ~1.5M entries per
+# request (short prompts: up to 1.4x), SDPA by 10-30% above ~4M (long cached prefixes).
+_EXTEND_SDPA_WORK = 1 << 21
 
 
 def _check_cuda_indices() -> bool:

@@ -1,15 +1,18 @@
 """Fused CPU kernels (csrc/paged_attention.cpp), compiled at first use and called through ctypes.
 
-The library is plain C++ with OpenMP: it needs no torch or Python headers, so it builds in
-seconds with the system compiler (`$CXX`, else g++, c++ or clang++). The build is cached under
-`$RADIXKV_CACHE_DIR` (default `~/.cache/radixkv`), keyed by the source, the compiler, its flags
-and the CPU, so a second process loads it in milliseconds. When no compiler is found, or the build
-fails, `available()` is False and `radixkv.attention` uses the pure torch backend instead; set
-`RADIXKV_CPU_KERNELS=0` to force that.
+The library is plain C++ with OpenMP: it needs no torch or Python headers, so it builds once in
+about ten seconds of CPU time with the system compiler (`$CXX`, else g++, c++ or clang++). The
+build is cached under `$RADIXKV_CACHE_DIR` (default `~/.cache/radixkv`), keyed by the source, the
+compiler, its flags and the CPU, so a later process loads it in milliseconds. When no compiler
+is found, or the build fails, `available()` is False and `radixkv.attention` uses the pure torch
+backend instead; set `RADIXKV_CPU_KERNELS=0` to force that.
 
 OpenMP: the library links `libgomp.so.1`, the same soname torch's CPU build ships and loads
 first, so both share one OpenMP runtime and thread pool; kernels run on `torch.get_num_threads()`
-threads.
+threads (tiny calls on the calling thread only).
+
+Why not torch.utils.cpp_extension: it compiles against the torch headers (about a minute on two
+cores) and needs the Python headers; this library only exchanges raw pointers and strides.
 """
 
 from __future__ import annotations
