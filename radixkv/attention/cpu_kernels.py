@@ -124,7 +124,14 @@ def _load() -> ctypes.CDLL | None:
         if cxx is None or not _SRC.exists():
             _log.warning("radixkv: no C++ compiler or kernel source; using torch attention on CPU")
             return None
-        path = _compile(cxx, _cache_dir())
+        path = None
+        # An unwritable cache dir (read-only home) falls back to the temp dir.
+        for out_dir in (_cache_dir(), Path(tempfile.gettempdir()) / f"radixkv-{os.getuid()}"):
+            try:
+                path = _compile(cxx, out_dir)
+                break
+            except OSError as exc:
+                _log.info("radixkv: cannot build in %s: %s", out_dir, exc)
         if path is None:
             _log.warning("radixkv: could not build the CPU attention kernels; using torch")
             return None

@@ -32,7 +32,7 @@ def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2,
                    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -62,7 +62,11 @@ def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, N]
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -72,7 +76,11 @@ def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2,
                     mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         if UPCAST:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if IEEE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     # An empty split stores lse = -inf and a zero partial, which the combine weighs by zero.
     has = l_i > 0
@@ -110,7 +118,7 @@ def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_
                    stride_on, stride_oh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -147,7 +155,11 @@ def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_
                         mask=kv_mask, other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+            if IEEE_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * scale_log2
             visible = nmask[None, :] & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
             # Every query sees key 0 in the first tile, so m_new is finite from then on.
@@ -159,7 +171,11 @@ def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_
                         mask=kv_mask, other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            if IEEE_DOT:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         o = acc / l_i[:, None]
         tl.store(O + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
@@ -186,9 +202,9 @@ def _kernels() -> SimpleNamespace:
     return _KERNELS[mode]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # TF32 would lose the float32 accuracy the tests demand; half types ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _ieee_dot(dtype: torch.dtype) -> bool:
+    # Float32 dots must not drop to TF32 (the tests demand 1e-5); half types use the default.
+    return dtype == torch.float32 or _upcast(dtype)
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -238,7 +254,7 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         v_buffer.stride(0), v_buffer.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, DOT_PRECISION=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        NUM_SPLITS=splits, IEEE_DOT=_ieee_dot(q.dtype), UPCAST=_upcast(q.dtype),
     )
     kern.stage2[(bsz, hq)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -276,7 +292,7 @@ def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), o.stride(0), o.stride(1),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_B=max(2, triton.next_power_of_2(bsz)), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_B=max(2, triton.next_power_of_2(bsz)), IEEE_DOT=_ieee_dot(q.dtype),
         UPCAST=_upcast(q.dtype),
     )
     return o
