@@ -34,15 +34,18 @@ from radixkv.memory import TokenToKVPool
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def timed(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
     """Median seconds per call of `fn` over `iters` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -79,7 +82,12 @@ def main() -> None:
                     help="layers actually timed for extend (the result is scaled to --layers)")
     ap.add_argument("--skip-extend", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, steadier than wall time on a loaded machine "
+                         "(use with --threads 1; with more threads it sums them)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -93,7 +101,8 @@ def main() -> None:
     t0 = time.perf_counter()
     fused = cpu_kernels.available()
     build_s = time.perf_counter() - t0
-    print(f"threads={torch.get_num_threads()} load average={os.getloadavg()[0]:.2f} "
+    print(f"threads={torch.get_num_threads()} clock={args.clock} "
+          f"load average={os.getloadavg()[0]:.2f} "
           f"dtype={args.dtype} fused CPU kernels={'yes' if fused else 'no (torch fallback)'} "
           f"(ready in {build_s:.2f}s)")
     copy_gbs, read_gbs = copy_bandwidth()

@@ -15,9 +15,11 @@
 //
 // Return codes (0 = ok) are decoded into typed Python errors by cpu_kernels.py.
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef _OPENMP
@@ -302,24 +304,27 @@ int64_t decode_impl(const Args& a) {
   const int64_t pstride = hq * (d + 2);
   std::vector<float> part((size_t)(ntasks * pstride));
 
+  // Chunks still to finish per request: whoever finishes a request's last chunk merges its
+  // partials and writes o, so the only barrier is the one ending the parallel region (a
+  // barrier per call matters on an oversubscribed machine, where each can cost a time slice).
+  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[B]);
+  for (int64_t b = 0; b < B; ++b) left[b].store(task_start[b + 1] - task_start[b]);
+
   // Tiny batches run on the calling thread: waking the pool costs more than the work.
   const bool par = nt > 1 && ntasks > 1 && total * hq * d >= PAR_MIN_WORK;
 #pragma omp parallel num_threads(nt) if (par)
   {
     std::vector<float> qs((size_t)(hq * d)), s((size_t)(hq * DEC_BLK));
+    std::vector<float> l((size_t)hq), acc((size_t)(hq * d));
     int64_t q_row = -1;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < ntasks; ++task) {
-      // Find the request of this task (tasks are few; a linear scan from a hint is cheap).
-      int64_t b = 0;
-      {
-        int64_t lo = 0, hi = B;  // first b with task_start[b + 1] > task
-        while (lo < hi) {
-          int64_t mid = (lo + hi) / 2;
-          if (task_start[mid + 1] > task) hi = mid; else lo = mid + 1;
-        }
-        b = lo;
+      int64_t lo = 0, hi = B;  // the request of this task: first b with task_start[b + 1] > task
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) / 2;
+        if (task_start[mid + 1] > task) hi = mid; else lo = mid + 1;
       }
+      const int64_t b = lo;
       const int64_t c = task - task_start[b];
       const int64_t beg = a.kv_indptr[b] + c * chunk;
       int64_t end = beg + chunk;
@@ -328,14 +333,12 @@ int64_t decode_impl(const Args& a) {
       float* p = part.data() + task * pstride;
       Partial out{p, p + hq, p + 2 * hq};
       decode_chunk<T, DV>(a, (int)(d / W), qs.data(), beg, end, out, s.data());
-    }
-    // Merge the chunks of each request and write o.
-    std::vector<float> l((size_t)hq), acc((size_t)(hq * d));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
+      // acq_rel: the last finisher sees every other chunk's partials.
+      if (left[b].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
       const int64_t t0 = task_start[b], t1 = task_start[b + 1];
       const float* p0 = part.data() + t0 * pstride;
       if (t1 - t0 == 1) { store_o<T>(a, b, p0, p0 + hq, p0 + 2 * hq); continue; }
+      // Log-sum-exp merge of the request's chunks.
       for (int64_t h = 0; h < hq; ++h) {
         float mx = -__builtin_inff();
         for (int64_t t = t0; t < t1; ++t) {
@@ -546,7 +549,7 @@ int64_t extend_impl(const Args& a) {
     std::vector<float> qs((size_t)(R * d)), sc((size_t)(R * EXT_BN)), kf((size_t)(d * EXT_BN)),
         vt((size_t)(EXT_BN * d)), acc((size_t)(R * d)), m((size_t)R), l((size_t)R);
     // Later tiles of a request see more KV (causal), so hand out tasks from the end first.
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait  // the region end is the only barrier
     for (int64_t rev = 0; rev < ntasks; ++rev) {
       const int64_t task = ntasks - 1 - rev;
       const int64_t tile = task / a.hkv, hk = task % a.hkv;
