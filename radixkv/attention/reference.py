@@ -1,6 +1,9 @@
 """Naive paged attention: gather each request's K/V into contiguous tensors, softmax in float64.
 
-Slow and obviously correct; the fast kernels in this package are tested against it.
+Slow and obviously correct; the fast kernels in this package are tested against it. Conventions
+are those of `radixkv.attention.decode` / `extend` (CSR slot lists, query head h reads KV head
+h // (Hq // Hkv), a request with no KV slots gets zeros). Pass float64 inputs to get the exact
+result instead of one rounded back to q's dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
            kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
            sm_scale: float | None = None) -> torch.Tensor:
     """Reference decode: q [B, Hq, D] -> o [B, Hq, D]; request b reads slots
-    kv_indices[kv_indptr[b]:kv_indptr[b+1]] of k_buffer / v_buffer [num_slots + 1, Hkv, D]."""
+    kv_indices[kv_indptr[b]:kv_indptr[b+1]] of k_buffer / v_buffer [num_slots + 1, Hkv, D].
+    `sm_scale` defaults to 1 / sqrt(D)."""
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
