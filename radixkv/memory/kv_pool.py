@@ -20,7 +20,7 @@ import torch
 from radixkv.errors import InvalidSlotError, OutOfSlotsError
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
-_FREE, _USED, _RESERVED = 0, 1, 2
+_FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
 
 
 def as_slot_array(slots: SlotsLike) -> np.ndarray:
@@ -80,9 +80,8 @@ class TokenToKVPool:
         # Free stack: the top `_n_free` entries of `_stack` are the free slots. Allocation pops
         # from the top, so recently freed (cache-warm) slots are reused first.
         self._stack = np.empty(num_slots, dtype=np.int64)
-        # Per-slot state: _FREE, _USED, or _RESERVED (slot 0). One fancy-index read validates a
-        # whole batch of slots; indexing with the uint64 view turns negative slots into huge
-        # indices, so out-of-range slots of either sign raise IndexError there.
+        # Per-slot state: _FREE, _USED (a caller's), _TREE (adopted by the prefix cache), or
+        # _RESERVED (slot 0). One fancy-index read validates a whole batch of slots.
         self._state = np.full(num_slots + 1, _FREE, dtype=np.uint8)
         self._state[0] = _RESERVED
         self._group: list[np.ndarray] | None = None
@@ -125,18 +124,14 @@ class TokenToKVPool:
         arr = as_slot_array(slots)
         if arr.size == 0:
             return
-        self._check_used(arr)
-        if arr.size > 1:
-            ordered = np.sort(arr)
-            if (ordered[1:] == ordered[:-1]).any():
-                dup = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
-                raise InvalidSlotError(f"double free: slot {dup} is listed twice in one free()")
+        self._check_used(arr, distinct=True)
         self._release(arr)
 
-    def _check_used(self, arr: np.ndarray) -> None:
-        """Raise `InvalidSlotError` unless every slot in `arr` is allocated (in use)."""
-        try:
-            ok = (self._state[arr.view(np.uint64)] == _USED).all()
+    def _check_used(self, arr: np.ndarray, distinct: bool = False) -> None:
+        """Raise `InvalidSlotError` unless every slot in `arr` is allocated to a caller (not free,
+        not reserved, not held by the prefix cache) and, with `distinct`, none is listed twice."""
+        try:  # a slot past the end raises IndexError; a negative one would wrap, hence min()
+            ok = arr.min() > 0 and (self._state[arr] == _USED).all()
         except IndexError:
             ok = False
         if not ok:
@@ -146,13 +141,28 @@ class TokenToKVPool:
                     raise InvalidSlotError(f"{what} (usable slots are 1..{self.num_slots})")
                 if self._state[slot] == _FREE:
                     raise InvalidSlotError(f"KV slot {slot} is not allocated (double free?)")
+                if self._state[slot] == _TREE:
+                    raise InvalidSlotError(f"KV slot {slot} is held by the prefix cache")
             raise AssertionError("unreachable")
+        if distinct and arr.size > 1:
+            ordered = np.sort(arr)
+            same = ordered[1:] == ordered[:-1]
+            if same.any():
+                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
+
+    def _adopt(self, arr: np.ndarray) -> None:
+        """Mark slots (already checked with `_check_used(distinct=True)`) as the cache's own."""
+        self._state[arr] = _TREE
+
+    def num_cache_held(self) -> int:
+        """Slots currently held by the prefix cache (O(num_slots); for invariant checks)."""
+        return int(np.count_nonzero(self._state == _TREE))
 
     def _release(self, arr: np.ndarray) -> None:
-        """Free slots known to be allocated and distinct (the radix tree's own evictions)."""
+        """Free slots known to be allocated and distinct (checked, or the cache's own)."""
         self._state[arr] = _FREE
         if self._group is not None:
-            self._group.append(arr)
+            self._group.append(arr.copy())  # pushed later: the caller may reuse its array
             return
         self._push(arr)
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radixkv.errors import LockError
+from radixkv.errors import InvalidSlotError, LockError
 from radixkv.memory.base_cache import (
     CacheStats,
     MatchResult,
@@ -63,7 +63,7 @@ class NaiveCache:
         toks = as_token_array(tokens)
         arr = as_slot_array(slots)
         if len(arr) != len(toks):
-            raise ValueError(f"insert: {len(toks)} tokens but {len(arr)} slots")
+            raise InvalidSlotError(f"insert: {len(toks)} tokens but {len(arr)} slots")
         n = len(toks) // self.page_size * self.page_size
         self.kv_pool.free(arr[:n])
         self._inserted += n

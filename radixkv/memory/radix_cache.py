@@ -138,7 +138,8 @@ class RadixCache:
             return MatchResult(torch.from_numpy(_EMPTY_SLOTS),
                                root if root is not None else self._null_root, 0)
         tb = arr[:n].tobytes()
-        node, values, length = self._walk(root, tb, count_hit=record)
+        path, length, partial, cut = self._descend(root, tb)
+        node, values = self._apply(root, path, partial, cut, count_hit=record)
         if record:
             self._hit += length
         # a copy either way: the caller must never alias the tree's arrays
@@ -161,13 +162,18 @@ class RadixCache:
         if n == 0:
             return 0
         sl = sl[:n]
-        self.kv_pool._check_used(sl)  # the tree may only adopt allocated slots
         tb = arr[:n].tobytes()
-        node, _, pos = self._walk(self._root(namespace), tb, count_hit=False)
+        root = self._root(namespace)
+        path, pos, partial, cut = self._descend(root, tb)
+        if pos < n:  # validate what the tree would adopt before changing anything
+            self.kv_pool._check_used(sl[pos:], distinct=True)
+        node, _ = self._apply(root, path, partial, cut, count_hit=False)
         if pos < n:
+            adopted = sl[pos:].copy()
+            self.kv_pool._adopt(adopted)
             leaf_key = tb[pos * _TOK:]
-            leaf = TreeNode(leaf_key, sl[pos:].copy(), node,
-                            self._free_child_key(node, leaf_key), node.namespace)
+            leaf = TreeNode(leaf_key, adopted, node, self._free_child_key(node, leaf_key),
+                            node.namespace)
             self._attach(node, leaf)
             self._inserted += n - pos
         return pos
@@ -259,7 +265,7 @@ class RadixCache:
             raise LockError(f"reset while {self._protected} cached tokens are locked")
         slots = self.cached_slots()
         if slots.size:
-            self.kv_pool.free(slots)
+            self.kv_pool._release(slots)
         for node, _ in self.walk():
             node.key = None
         self._roots.clear()
@@ -348,6 +354,9 @@ class RadixCache:
             fail("a cached slot is outside the pool")
         if self.kv_pool.is_free(slots).any():
             fail("a cached slot is marked free in the pool")
+        if self.kv_pool.num_cache_held() != slots.size:
+            fail(f"the pool marks {self.kv_pool.num_cache_held()} slots as cache-held, the tree "
+                 f"holds {slots.size}")
 
     # ---- internals --------------------------------------------------------------------------
     def _root(self, namespace: Namespace) -> TreeNode:
@@ -366,8 +375,11 @@ class RadixCache:
             return node.children.get(tb[pos * _TOK:pos * _TOK + _TOK])
         page = tb[pos * _TOK:pos * _TOK + self._page_bytes]
         child = node.children.get(self._hash_key(page))
-        if child is not None and self.page_size > 1 and child.key[:self._page_bytes] != page:
-            child = node.children.get(page)  # the hash collided; a colliding page uses its bytes
+        if child is None or child.key[:self._page_bytes] != page:
+            # No child under the hash, or one whose page differs (a collision): a page that
+            # collided with a sibling when it was inserted is stored under its bytes, and stays
+            # there even after that sibling is evicted.
+            child = node.children.get(page)
         return child
 
     def _free_child_key(self, node: TreeNode, key: bytes) -> Hashable:
@@ -395,14 +407,15 @@ class RadixCache:
         node.evict_key = key
         self._leaves[key] = node
 
-    def _walk(self, root: TreeNode, tb: bytes,
-              count_hit: bool) -> tuple[TreeNode, list[np.ndarray], int]:
-        """Follow `tb` down from `root`, splitting where the match ends inside a node.
+    def _descend(self, root: TreeNode, tb: bytes
+                 ) -> tuple[list[TreeNode], int, TreeNode | None, int]:
+        """Follow `tb` down from `root` without changing anything.
 
-        Returns (deepest matched node, slot arrays along the path, matched length in tokens).
+        Returns (fully matched nodes along the path, matched length in tokens, the node the
+        match ends inside of or None, how many of its tokens match).
         """
         node, pos, n = root, 0, len(tb) // _TOK
-        values: list[np.ndarray] = []
+        path: list[TreeNode] = []
         while pos < n:
             child = self._get_child(node, tb, pos)
             if child is None:
@@ -410,19 +423,30 @@ class RadixCache:
             size = len(child.value)
             seg = tb[pos * _TOK:(pos + size) * _TOK]
             if seg == child.key:
-                self._touch(child, count_hit)
-                values.append(child.value)
+                path.append(child)
                 node, pos = child, pos + size
                 continue
-            m = _first_mismatch(child.key, seg) // self.page_size * self.page_size
-            if m == 0:
-                break
-            node = self._split(child, m)
+            cut = _first_mismatch(child.key, seg) // self.page_size * self.page_size
+            if cut:
+                return path, pos + cut, child, cut
+            break
+        return path, pos, None, 0
+
+    def _apply(self, root: TreeNode, path: list[TreeNode], partial: TreeNode | None, cut: int,
+               count_hit: bool) -> tuple[TreeNode, list[np.ndarray]]:
+        """Touch the matched path (LRU time, hits) and split `partial` after `cut` tokens.
+
+        Returns the node the match ends at and the slot arrays along the path.
+        """
+        for node in path:
+            self._touch(node, count_hit)
+        values = [node.value for node in path]
+        node = path[-1] if path else root
+        if partial is not None:
+            node = self._split(partial, cut)
             self._touch(node, count_hit)
             values.append(node.value)
-            pos += m
-            break
-        return node, values, pos
+        return node, values
 
     def _split(self, child: TreeNode, m: int) -> TreeNode:
         """Cut `child` after `m` tokens; returns the new upper node (same lock count)."""
