@@ -31,6 +31,11 @@ class InvalidRequestError(RadixKVError, ValueError):
     """A request or its sampling parameters are malformed; nothing was allocated."""
 
 
+class AttentionInputError(RadixKVError, ValueError):
+    """Attention inputs have inconsistent shapes, dtypes or devices (e.g. Hq not a multiple of
+    Hkv, q and the K/V buffers of different dtypes, a 2-D q)."""
+
+
 class ModelLoadError(RadixKVError):
     """A model file or folder is missing, unsupported or inconsistent."""
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from radixkv.attention.validation import AttentionInputError
-from radixkv.errors import InvalidSlotError
+from radixkv.errors import AttentionInputError, InvalidSlotError
 
 
 def build_kv_indices(req_to_token: torch.Tensor, rows: torch.Tensor,

@@ -12,15 +12,12 @@ import math
 
 import torch
 
-from radixkv.errors import InvalidSlotError, RadixKVError
+from radixkv.errors import AttentionInputError, InvalidSlotError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-class AttentionInputError(RadixKVError, ValueError):
-    """Attention inputs have inconsistent shapes, dtypes or devices (e.g. Hq not a multiple of
-    Hkv, q and the K/V buffers of different dtypes, a 2-D q)."""
 
 
 def _index_tensor(name: str, t: torch.Tensor, device: torch.device) -> None:
