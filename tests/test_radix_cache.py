@@ -248,6 +248,44 @@ def test_insert_rejects_negative_slots_when_the_pool_is_full() -> None:
     check(pool, cache, held)
 
 
+def test_free_mixing_own_and_cache_held_slots_frees_nothing() -> None:
+    """Slots the tree adopted are the tree's: freeing one through the pool is a double owner."""
+    pool, cache = make(num_slots=8)
+    a, _ = put(pool, cache, [1, 2, 3])
+    mine = pool.alloc(2)
+    before = snapshot(pool, cache)
+    with pytest.raises(InvalidSlotError):
+        pool.free([a[1]])
+    with pytest.raises(InvalidSlotError):
+        pool.free(torch.cat([mine, torch.tensor([a[0]])]))  # nothing freed, not even `mine`
+    assert snapshot(pool, cache) == before
+    check(pool, cache, held=mine)
+    assert cache.evict(3) == 3  # once evicted they are free again, and the pool agrees
+    check(pool, cache, held=mine)
+
+
+def test_failed_insert_in_a_new_namespace_leaves_no_trace() -> None:
+    pool, cache = make(num_slots=8)
+    put(pool, cache, [1, 2])
+    before = (snapshot(pool, cache), set(cache.roots()))
+    with pytest.raises(InvalidSlotError):
+        cache.insert([1, 2], [0, 0], namespace="new")
+    assert (snapshot(pool, cache), set(cache.roots())) == before
+    check(pool, cache)
+
+
+def test_match_with_record_false_leaves_the_counters() -> None:
+    pool, cache = make()
+    slots, _ = put(pool, cache, [1, 2, 3])
+    cache.match_prefix([1, 2, 3])
+    s0 = cache.stats()
+    m = cache.match_prefix([1, 2, 3, 4], record=False)
+    assert m.length == 3 and m.slots.tolist() == slots
+    s1 = cache.stats()
+    assert (s1.query_tokens, s1.hit_tokens) == (s0.query_tokens, s0.hit_tokens)
+    check(pool, cache)
+
+
 # ---- page alignment --------------------------------------------------------------------------
 def test_page_aligned_insert_and_match() -> None:
     pool, cache = make(page_size=4)

@@ -164,7 +164,8 @@ class RadixMachine(RuleBasedStateMachine):
                                           for ns, e, n, node in self.nodes()),
                 self.pool.available_size(), self.cache.total_size(),
                 self.cache.evictable_size(), self.cache.protected_size(),
-                (s.query_tokens, s.hit_tokens, s.evicted_tokens, s.node_count))
+                (s.query_tokens, s.hit_tokens, s.evicted_tokens, s.node_count),
+                sorted(map(repr, self.cache.roots())))
 
     # ---- shared steps ----------------------------------------------------------------------------
     def do_match(self, ns: Hashable, toks: list[int]) -> Handle:
@@ -292,6 +293,35 @@ class RadixMachine(RuleBasedStateMachine):
         self.cache.unlock(handle.node)
         self.locks.remove(handle)
 
+    @rule(ns=ns_st, seq=seq_st, kind=st.sampled_from(["zero", "negative", "free", "cached",
+                                                        "twice"]), pick=pick_st)
+    def bad_insert(self, ns: Hashable, seq: tuple[int, int, list[int]], kind: str,
+                   pick: int) -> None:
+        """An insert that would adopt a slot that is not the caller's raises and changes nothing."""
+        toks = self.tokens(seq)
+        n, cached_len = self.aligned(toks), self.longest(ns, toks)
+        if cached_len == n:
+            return  # nothing would be adopted, so nothing is checked
+        free = np.flatnonzero(self.pool.is_free(np.arange(1, NUM_SLOTS + 1))) + 1
+        cached = [s for page in self.cached.values() for s in page]
+        if (kind == "free" and not free.size) or (kind == "cached" and not cached):
+            return
+        if kind == "twice" and (not self.held or n - cached_len < 2):
+            return
+        if kind == "free":
+            bad = int(free[pick % free.size])
+        elif kind == "cached":
+            bad = cached[pick % len(cached)]
+        elif kind == "twice":
+            bad = self.held[pick % len(self.held)]
+        else:
+            bad = {"zero": 0, "negative": -1}[kind]
+        slots = [bad] * len(toks)  # every adopted position gets the bad slot
+        before = self.snapshot()
+        with pytest.raises(InvalidSlotError):
+            self.cache.insert(toks, slots, namespace=ns)
+        assert self.snapshot() == before
+
     @rule(n=st.integers(0, 8))
     def alloc(self, n: int) -> None:
         if n > self.pool.available_size():
@@ -318,17 +348,20 @@ class RadixMachine(RuleBasedStateMachine):
         del self.held[start:start + count]
 
     @rule(kind=st.sampled_from(["zero", "past_end", "negative", "free_slot", "twice",
-                                "valid_then_free"]), pick=pick_st)
+                                "valid_then_free", "cached"]), pick=pick_st)
     def bad_free(self, kind: str, pick: int) -> None:
         free = np.flatnonzero(self.pool.is_free(np.arange(1, NUM_SLOTS + 1))) + 1
+        cached = [s for page in self.cached.values() for s in page]
         h = self.held[pick % len(self.held)] if self.held else None
         if kind in ("free_slot", "valid_then_free") and not free.size:
             return
-        if kind == "twice" and h is None:
+        if (kind == "twice" and h is None) or (kind == "cached" and not cached):
             return
         f = int(free[pick % free.size]) if free.size else 0
+        c = cached[pick % len(cached)] if cached else 0
         bad = {"zero": [0], "past_end": [NUM_SLOTS + 1], "negative": [-1], "free_slot": [f],
-               "twice": [h, h], "valid_then_free": self.held[:3] + [f]}[kind]
+               "twice": [h, h], "valid_then_free": self.held[:3] + [f],
+               "cached": self.held[:2] + [c]}[kind]  # the tree's slot: not the caller's to free
         before = self.snapshot()
         with pytest.raises(InvalidSlotError):
             self.pool.free(bad)
