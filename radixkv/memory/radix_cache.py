@@ -163,10 +163,12 @@ class RadixCache:
             return 0
         sl = sl[:n]
         tb = arr[:n].tobytes()
-        root = self._root(namespace)
-        path, pos, partial, cut = self._descend(root, tb)
+        root = self._roots.get(namespace)
+        path, pos, partial, cut = self._descend(root, tb) if root is not None else ([], 0, None, 0)
         if pos < n:  # validate what the tree would adopt before changing anything
             self.kv_pool._check_used(sl[pos:], distinct=True)
+        if root is None:  # created only now: a failed insert leaves no empty tenant root
+            root = self._root(namespace)
         node, _ = self._apply(root, path, partial, cut, count_hit=False)
         if pos < n:
             adopted = sl[pos:].copy()
