@@ -84,7 +84,7 @@ def test_lcp_index_and_union_size_match_brute_force() -> None:
 def test_interval_packing_is_optimal() -> None:
     """The greedy packing equals an exhaustive search over all subsets of unit intervals."""
     rng = np.random.default_rng(2)
-    for _ in range(150):
+    for _ in range(100):
         t = int(rng.integers(1, 6))
         g = int(rng.integers(1, 6))
         lefts = rng.integers(0, t, g)
@@ -143,7 +143,7 @@ def test_infinite_bound_is_attained_serving_by_prompt_length() -> None:
     """One request at a time, shortest prompt first, pool large enough: the real radix cache
     serves exactly the bound, so it is what an unbounded cache could serve."""
     rng = np.random.default_rng(3)
-    for _ in range(40):
+    for _ in range(30):
         trace = _by_prompt_length(_random_trace(rng))
         ws = optimal.working_set(_scripted_sequences(trace))
         run = run_memory(trace, SYSTEMS[1], ws + trace.max_total_len(), max_running=1,
@@ -158,7 +158,7 @@ def test_replays_under_pressure_respect_the_optima(eviction: str) -> None:
     tokens conserved, no slot leaked."""
     rng = np.random.default_rng(4 if eviction == "lru" else 5)
     gaps = 0
-    for it in range(60):
+    for it in range(40):
         trace = _random_trace(rng)
         need = trace.max_total_len()
         system = SYSTEMS[it % len(SYSTEMS)]

@@ -77,15 +77,20 @@ def _trace_line(level: str, t: dict[str, Any]) -> str:
 
 def workload_table(w: dict[str, Any]) -> list[str]:
     headers = ["level", "system", "hit rate", "Belady", "infinite", "prefill computed",
-               "preempt", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "KV peak", "checks"]
+               "preempt", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p99 ms", "KV mean / peak",
+               "checks"]
     rows = []
     for level in ("memory", "model"):
         part = w.get(level)
         if not part:
             continue
         for e in part["systems"]:
-            kv = (_mib(e.get("kv_peak_bytes")) if level == "model"
-                  else f"{e['kv_peak_tokens']:,} tok")
+            if "kv_peak_tokens" not in e:  # transformers: no paged pool to read
+                kv = "–"
+            elif level == "model":
+                kv = f"{e['kv_mean_bytes'] / 2**20:,.1f} / {_mib(e['kv_peak_bytes'])}"
+            else:
+                kv = f"{e['kv_mean_tokens']:,.0f} / {e['kv_peak_tokens']:,} tok"
             rows.append([level, e["system"], _pct(e["hit_rate"]), _pct(e.get("belady_hit_rate")),
                          _pct(e["infinite_hit_rate"]), _num(e["prefill_tokens"]),
                          _num(e.get("preemptions")), _num(e.get("req_per_s"), 2),
@@ -117,22 +122,27 @@ def sweep_table(results: dict[str, Any]) -> list[str]:
     fractions: list[float] = []
     for w in results["workloads"].values():
         for p in (w.get("memory") or {}).get("capacity_sweep", []):
-            if p["fraction"] not in fractions:
+            if not p.get("main") and p["fraction"] not in fractions:
                 fractions.append(p["fraction"])
     if not fractions:
         return []
     fractions.sort()
     rows = []
     for w in results["workloads"].values():
-        pts = {p["fraction"]: p for p in (w.get("memory") or {}).get("capacity_sweep", [])}
-        if not pts:
+        points = (w.get("memory") or {}).get("capacity_sweep", [])
+        if not points:
             continue
-        inf = next(iter(pts.values()))["infinite_hit_rate"]
-        rows.append([w["title"]] + [
-            f"{100 * pts[f]['hit_rate']:.1f} / {100 * pts[f]['belady_hit_rate']:.1f}"
-            if f in pts else "–" for f in fractions] + [_pct(inf)])
-    headers = ["workload"] + [f"{f:.0%} of WS" for f in fractions] + ["infinite"]
-    return _table(headers, rows, "l" + "r" * (len(fractions) + 1))
+        pts = {p["fraction"]: p for p in points if not p.get("main")}
+        main = next((p for p in points if p.get("main")), None)
+        cells = [f"{100 * pts[f]['hit_rate']:.1f} / {100 * pts[f]['belady_hit_rate']:.1f}"
+                 if f in pts else "–" for f in fractions]
+        main_cell = ("–" if main is None else
+                     f"{100 * main['hit_rate']:.1f} / {100 * main['belady_hit_rate']:.1f} "
+                     f"({main['fraction']:.0%})")
+        rows.append([w["title"], *cells, main_cell, _pct(points[0]["infinite_hit_rate"])])
+    headers = (["workload"] + [f"{f:.0%} of WS" for f in fractions]
+               + ["workload's pool", "infinite"])
+    return _table(headers, rows, "l" + "r" * (len(fractions) + 2))
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -152,9 +162,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "level: real scheduler, radix tree and pools, scripted outputs, no model (no timings). "
         "Model level: real engine on the model, and transformers' batched `generate` (left "
         "padding, greedy, same prompts; no prefix cache, so its hit rate is 0). TTFT counts from "
-        "arrival (run start, or the parent's finish for follow-up requests). KV peak: pool slots "
-        "in use including the evictable cache. checks: achieved <= Belady <= infinite, hit + "
-        "computed == prompt tokens, no leaked slots.",
+        "arrival (run start, or the parent's finish for follow-up requests). KV mean / peak: pool "
+        "slots in use over the run's steps, the evictable cache included. checks: achieved <= "
+        "Belady <= infinite, hit + computed == prompt tokens, no leaked slots.",
         "",
     ]
     for i, w in enumerate(results["workloads"].values(), 1):
@@ -177,6 +187,27 @@ def summary_markdown(results: dict[str, Any]) -> str:
     sweep = sweep_table(results)
     if sweep:
         lines += ["## Hit rate vs pool capacity (memory level, lpm)", "",
-                  "achieved / Belady in %, pool = share of the working set (WS); last column: "
-                  "infinite-cache bound.", ""] + sweep + [""]
+                  "achieved / Belady in %, pool = share of the working set (WS), at least the "
+                  "largest request; \"–\": that pool size was already run (the floor, or the "
+                  "workload's own pool). \"workload's pool\": the main run above. Each Belady "
+                  "value is for that run's own admission order.", ""] + sweep + [""]
     return "\n".join(lines)
+
+
+def rerender(results_json: Path, plots: bool = True) -> str:
+    """Rewrite summary.md (and the plots) next to a results.json without rerunning anything."""
+    results = json.loads(Path(results_json).read_text())
+    out = Path(results_json).parent
+    text = summary_markdown(results)
+    (out / "summary.md").write_text(text + "\n")
+    if plots:
+        from bench.suite.plots import write_all
+
+        write_all(results, out)
+    return text
+
+
+if __name__ == "__main__":  # python -m bench.suite.report results/results.json
+    import sys
+
+    print(rerender(Path(sys.argv[1] if len(sys.argv) > 1 else "results/results.json")))

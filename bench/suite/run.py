@@ -57,16 +57,16 @@ class LevelConfig:
 class ModeConfig:
     memory: LevelConfig
     model: LevelConfig
-    sweep: tuple[float, ...]  # capacity sweep: shares of the working set
+    sweep: tuple[float, ...]  # capacity sweep: shares of the working set (plus the main run)
     declared_max_tokens: int  # what memory-level clients ask for (answers stop earlier)
 
 
 MODES = {
     "quick": ModeConfig(LevelConfig("memory-quick", 8, 16, 256),
-                        LevelConfig("model-quick", 4, 8, 256), (0.1, 0.3, 1.0), 128),
-    "full": ModeConfig(LevelConfig("memory-full", 16, 32, 512),
+                        LevelConfig("model-quick", 4, 8, 256), (0.1, 0.3), 128),
+    "full": ModeConfig(LevelConfig("memory-full", 16, 64, 512),
                        LevelConfig("model-full", 8, 16, 512),
-                       (0.03, 0.06, 0.12, 0.25, 0.5, 1.0), 512),
+                       (0.03, 0.06, 0.12, 0.25, 0.5), 512),
 }
 
 
@@ -139,6 +139,17 @@ class Progress:
         return bar.update, bar.close
 
 
+def sweep_point(m: dict[str, Any], fraction: float, capacity: int,
+                main: bool = False) -> dict[str, Any]:
+    """One capacity-sweep point from a run's hit metrics (`main`: the workload's own pool)."""
+    return {"fraction": fraction, "capacity": capacity, "main": main, "hit_rate": m["hit_rate"],
+            "belady_hit_rate": m["belady_hit_rate"], "infinite_hit_rate": m["infinite_hit_rate"],
+            "hit_tokens": m["hit_tokens"], "belady_hit_tokens": m["belady_hit_tokens"],
+            "infinite_hit_tokens": m["infinite_hit_tokens"],
+            "evicted_tokens": m["evicted_tokens"], "preemptions": m["preemptions"],
+            "checks": run_checks(m)}
+
+
 # ---- levels --------------------------------------------------------------------------------------
 def memory_level(name: str, mode: ModeConfig, seed: int, progress: Progress) -> dict[str, Any]:
     cfg = mode.memory
@@ -161,12 +172,11 @@ def memory_level(name: str, mode: ModeConfig, seed: int, progress: Progress) -> 
                  "evicted_tokens": run.evicted_tokens, "leak_free": run.leak_free}
         entry["checks"] = run_checks(entry)
         systems.append(entry)
-        if system.policy == "lpm" and system.prefix_cache:
+        if system == SYSTEMS[0]:  # radixkv lpm: the memory-efficiency figures
             efficiency = memory_efficiency(run.log, EFFICIENCY_BYTES_PER_TOKEN)
-    sweep = []
     need = min_capacity(trace, mode.declared_max_tokens)
-    seen: set[int] = set()
-    lpm = SYSTEMS[0]
+    sweep = [sweep_point(systems[0], cap / ws, cap, main=True)]  # lpm above: one more point
+    seen = {cap}
     for frac in mode.sweep:
         c = max(int(frac * ws), need)
         if c in seen:
@@ -174,19 +184,15 @@ def memory_level(name: str, mode: ModeConfig, seed: int, progress: Progress) -> 
         seen.add(c)
         update, close = progress.bar(f"sweep {name} {frac:.0%}", len(trace))
         try:
-            run = run_memory(trace, lpm, c, max_running=cfg.max_running, window=cfg.window,
-                             chunk=cfg.chunk, declared_max_tokens=mode.declared_max_tokens,
-                             progress=update)
+            run = run_memory(trace, SYSTEMS[0], c, max_running=cfg.max_running,
+                             window=cfg.window, chunk=cfg.chunk,
+                             declared_max_tokens=mode.declared_max_tokens, progress=update)
         finally:
             close()
-        m = {**hit_metrics(run.log, run.prefill_counter), "leak_free": run.leak_free}
-        sweep.append({"fraction": frac, "capacity": c, "hit_rate": m["hit_rate"],
-                      "belady_hit_rate": m["belady_hit_rate"],
-                      "infinite_hit_rate": m["infinite_hit_rate"],
-                      "hit_tokens": m["hit_tokens"], "belady_hit_tokens": m["belady_hit_tokens"],
-                      "infinite_hit_tokens": m["infinite_hit_tokens"],
-                      "evicted_tokens": run.evicted_tokens, "preemptions": m["preemptions"],
-                      "checks": run_checks(m)})
+        m = {**hit_metrics(run.log, run.prefill_counter), "leak_free": run.leak_free,
+             "evicted_tokens": run.evicted_tokens}
+        sweep.append(sweep_point(m, frac, c))
+    sweep.sort(key=lambda p: p["capacity"])
     return {"trace": trace_info(trace, ws, cap), "systems": systems,
             "memory_efficiency": efficiency, "capacity_sweep": sweep}
 
@@ -269,7 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "workloads": {n: {"title": workloads.TITLES[n], "notes": ""} for n in names},
     }
     for n in names:
-        print(f"[memory] {n}", file=sys.stderr, flush=True)
+        print(f"[memory] {n} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+              flush=True)
         results["workloads"][n]["memory"] = memory_level(n, mode, args.seed, progress)
         results["workloads"][n]["notes"] = workloads.build(
             n, mode.memory.size_key, args.seed).notes
@@ -297,7 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          if args.quick and args.model is None else bench.model_name)
                 results["meta"]["model"] = f"{label}, {args.dtype}"
                 for n in names:
-                    print(f"[model] {n}", file=sys.stderr, flush=True)
+                    print(f"[model] {n} ({time.perf_counter() - started:.0f} s)",
+                          file=sys.stderr, flush=True)
                     results["workloads"][n]["model"] = model_level(bench, n, mode, args.seed,
                                                                    args.skip_hf, progress)
         finally:

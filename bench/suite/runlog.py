@@ -120,8 +120,9 @@ def drive(trace: Trace, engine: EngineAdapter, capacity: int, window: int,
         if not engine.has_work():
             raise RuntimeError(f"{trace.name}: engine idle with {n - done} requests unfinished")
         before = {j: reqs[j].preemptions for j in active}
-        one_short = [j for j in active if reqs[j].kv_len == prompt_lens[j] - 1
-                     and not reqs[j].output_ids and j not in unadmitted]
+        # running with all but the last prompt token computed: this step decodes that token
+        one_short = [index[id(r)] for r in engine.running()
+                     if r.kv_len == len(r.prompt_ids) - 1 and not r.output_ids]
         engine.step()
         for j in one_short:  # a decode step fed the last prompt token
             if reqs[j].output_ids and reqs[j].preemptions == before[j]:

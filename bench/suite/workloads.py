@@ -209,52 +209,52 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "shared-system": {
         "memory-quick": dict(users=60, system_len=300, question_len=(8, 24),
                              answer_len=(4, 12)),
-        "memory-full": dict(users=600, system_len=1200, question_len=(16, 48),
+        "memory-full": dict(users=400, system_len=1200, question_len=(16, 48),
                             answer_len=(8, 32)),
         "model-quick": dict(users=8, system_len=96, question_len=(6, 12), answer_len=(6, 6)),
-        "model-full": dict(users=16, system_len=384, question_len=(12, 24),
+        "model-full": dict(users=12, system_len=256, question_len=(8, 16),
                            answer_len=(16, 16)),
     },
     "multi-turn": {
         "memory-quick": dict(sessions=10, turns=5, system_len=24, user_len=(8, 24),
                              answer_len=(8, 24)),
-        "memory-full": dict(sessions=100, turns=8, system_len=48, user_len=(16, 64),
+        "memory-full": dict(sessions=70, turns=8, system_len=48, user_len=(16, 64),
                             answer_len=(24, 96)),
         "model-quick": dict(sessions=3, turns=3, system_len=16, user_len=(6, 12),
                             answer_len=(6, 6)),
-        "model-full": dict(sessions=4, turns=4, system_len=32, user_len=(16, 32),
+        "model-full": dict(sessions=3, turns=4, system_len=32, user_len=(12, 24),
                            answer_len=(16, 16)),
     },
     "few-shot": {
         "memory-quick": dict(requests=60, tasks=3, shots=4, example_len=40,
                              instruction_len=16, question_len=(8, 20), answer_len=(4, 12)),
-        "memory-full": dict(requests=600, tasks=4, shots=8, example_len=96,
+        "memory-full": dict(requests=400, tasks=4, shots=8, example_len=96,
                             instruction_len=40, question_len=(16, 48), answer_len=(8, 32)),
         "model-quick": dict(requests=8, tasks=2, shots=3, example_len=24, instruction_len=8,
                             question_len=(6, 12), answer_len=(6, 6)),
-        "model-full": dict(requests=16, tasks=2, shots=4, example_len=64, instruction_len=24,
-                           question_len=(12, 24), answer_len=(16, 16)),
+        "model-full": dict(requests=12, tasks=2, shots=3, example_len=64, instruction_len=16,
+                           question_len=(8, 16), answer_len=(16, 16)),
     },
     "tree-of-thought": {
         "memory-quick": dict(trees=4, root_len=160, branches=3, sub_branches=3,
                              step_len=(8, 24), answer_len=(8, 24)),
-        "memory-full": dict(trees=30, root_len=600, branches=4, sub_branches=4,
+        "memory-full": dict(trees=20, root_len=600, branches=4, sub_branches=4,
                             step_len=(24, 64), answer_len=(32, 96)),
         "model-quick": dict(trees=1, root_len=64, branches=2, sub_branches=2, step_len=(6, 12),
                             answer_len=(6, 6)),
-        "model-full": dict(trees=2, root_len=192, branches=3, sub_branches=2, step_len=(12, 24),
+        "model-full": dict(trees=2, root_len=128, branches=2, sub_branches=2, step_len=(8, 16),
                            answer_len=(16, 16)),
     },
     "no-sharing": {
         "memory-quick": dict(requests=50, prompt_len=(100, 300), answer_len=(4, 12)),
-        "memory-full": dict(requests=500, prompt_len=(300, 900), answer_len=(8, 32)),
+        "memory-full": dict(requests=300, prompt_len=(300, 900), answer_len=(8, 32)),
         "model-quick": dict(requests=8, prompt_len=(60, 100), answer_len=(6, 6)),
-        "model-full": dict(requests=16, prompt_len=(200, 400), answer_len=(16, 16)),
+        "model-full": dict(requests=12, prompt_len=(100, 200), answer_len=(16, 16)),
     },
 }
 # mixed: smaller copies of the others (their sizes divided by MIXED_DIVISOR, at least 1)
-MIXED_DIVISOR = {"memory-quick": 2, "memory-full": 3, "model-quick": 2, "model-full": 3}
-MIXED_CAPACITY_FRACTION = 0.25
+MIXED_DIVISOR = {"memory-quick": 2, "memory-full": 3, "model-quick": 2, "model-full": 4}
+MIXED_CAPACITY_FRACTION = 0.10
 _COUNT_KEYS = ("users", "sessions", "requests", "trees")
 
 _BUILDERS: dict[str, Callable[..., list[TraceRequest]]] = {
