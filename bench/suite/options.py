@@ -31,9 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model-level weights, activations and KV (default float32)")
     p.add_argument("--skip-model", action="store_true", help="memory-level runs only")
     p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: 1 with --quick, where the tiny model's small "
-                        "ops cost less than thread wake-ups; else torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for every system (default 1: on a shared or small "
+                        "machine, threads of small kernels wait on each other more than they "
+                        "compute; 2 threads ran 4x slower than 1 on a busy 2-core box)")
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")

@@ -250,11 +250,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads is not None:
-        if threads < 1:
-            raise SystemExit("--threads must be >= 1")
-        torch.set_num_threads(threads)
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     names = select_workloads(args.workload)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
