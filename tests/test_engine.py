@@ -204,3 +204,14 @@ def test_namespaces_do_not_share(tiny_llama_dir, oracle):  # noqa: F811
     assert out_a["cached_tokens"] == len(p) - 1
     assert out_a["token_ids"] == out_b["token_ids"] == oracle[0]
     llm.engine.check_no_leak()
+
+
+@pytest.mark.parametrize("chunk", [8, 512])
+def test_token_accounting_is_conserved(tiny_llama_dir, chunk):  # noqa: F811
+    """Cache off: every prompt token is prefill work once, every later token one decode."""
+    llm = make_llm(tiny_llama_dir, chunked_prefill_size=chunk, enable_prefix_cache=False)
+    prompts = workload()
+    llm.generate(prompts, GREEDY)
+    stats = llm.cache_stats()
+    assert stats["prefill_tokens_computed"] == sum(len(p) for p in prompts)
+    assert stats["decode_tokens"] == (GREEDY.max_tokens - 1) * len(prompts)

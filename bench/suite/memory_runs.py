@@ -75,7 +75,7 @@ class SchedulerAdapter:
         for it in batch.items:
             req = it.req
             req.kv_len = it.end
-            if not batch.is_decode:
+            if not (batch.is_decode and req.output_ids):  # a prompt token is prefill work
                 req.prefill_tokens += it.end - it.start
                 self.prefill_counter += it.end - it.start
             if not it.sample:

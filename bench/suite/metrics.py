@@ -31,8 +31,10 @@ def hit_metrics(log: RunLog, prefill_counter: int, *, with_belady: bool = True,
     inf: InfiniteBound = infinite_bound(log.sequences, log.prompt_lens)
     own = log.prompt_lens - log.hits  # what each request had to compute at first admission
     preempted = log.preemptions > 0
-    per_req = log.prefill_tokens + log.prompt_decoded  # prompt tokens each request computed
-    computed = int(prefill_counter) + int(log.prompt_decoded.sum())
+    # The engine counts a prompt token fed by a decode step as prefill work, so its counters
+    # already hold every prompt token computed (prompt_decoded is reported, not added).
+    per_req = log.prefill_tokens  # prompt tokens each request computed
+    computed = int(prefill_counter)
     recomputed = int((per_req[preempted] - own[preempted]).sum())
     out: dict[str, Any] = {
         "requests": len(log.sequences),

@@ -131,12 +131,15 @@ class Engine:
         next_token = {id(it.req): tok for it, tok in zip(sampled_items, tokens, strict=True)}
         touched = []
         now = time.perf_counter()
-        key = "decode_tokens" if batch.is_decode else "prefill_tokens"
         for it in batch.items:
             req = it.req
             req.kv_len = it.end
-            self.counters[key] += it.end - it.start
-            if not batch.is_decode:
+            # A decode step that feeds a prompt token (a chunk stopped one short of the prompt's
+            # end, or a cache hit covered all but the last token) is prefill work.
+            if batch.is_decode and req.output_ids:
+                self.counters["decode_tokens"] += 1
+            else:
+                self.counters["prefill_tokens"] += it.end - it.start
                 req.prefill_tokens += it.end - it.start
             if not it.sample:
                 self.scheduler.cache_prefix(req)  # chunk boundary: share the prefix early
