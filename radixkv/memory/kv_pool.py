@@ -84,6 +84,8 @@ class TokenToKVPool:
         # _RESERVED (slot 0). One fancy-index read validates a whole batch of slots.
         self._state = np.full(num_slots + 1, _FREE, dtype=np.uint8)
         self._state[0] = _RESERVED
+        self._stamp = np.zeros(num_slots + 1, dtype=np.int64)  # scratch for repeat detection
+        self._iota = np.arange(num_slots + 1, dtype=np.int64)
         self._group: list[np.ndarray] | None = None
         self.clear()
 
@@ -129,11 +131,22 @@ class TokenToKVPool:
 
     def _check_used(self, arr: np.ndarray, distinct: bool = False) -> None:
         """Raise `InvalidSlotError` unless every slot in `arr` is allocated to a caller (not free,
-        not reserved, not held by the prefix cache) and, with `distinct`, none is listed twice."""
-        try:  # a slot past the end raises IndexError; a negative one would wrap, hence min()
-            ok = arr.min() > 0 and (self._state[arr] == _USED).all()
-        except IndexError:
-            ok = False
+        not reserved, not held by the prefix cache) and, with `distinct`, none is listed twice.
+
+        Hot path (every insert and free): a handful of C-level numpy calls, no Python-level
+        reductions. Out-of-range slots of both signs fail one unsigned comparison; repeats are
+        found in O(n) by stamping each slot with its position and reading the stamps back.
+        """
+        n = arr.size
+        ok = np.maximum.reduce((arr - 1).view(np.uint64)) < self.num_slots
+        ok = ok and np.count_nonzero(self._state[arr] != _USED) == 0
+        if ok and distinct and n > 1:
+            iota = self._iota[:n]
+            self._stamp[arr] = iota  # a repeated slot keeps only its last position
+            if np.count_nonzero(self._stamp[arr] != iota):
+                ordered = np.sort(arr)
+                same = ordered[1:] == ordered[:-1]
+                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
         if not ok:
             for slot in arr.tolist():  # error path only: name the first bad slot
                 if not 0 < slot <= self.num_slots:
@@ -144,11 +157,6 @@ class TokenToKVPool:
                 if self._state[slot] == _TREE:
                     raise InvalidSlotError(f"KV slot {slot} is held by the prefix cache")
             raise AssertionError("unreachable")
-        if distinct and arr.size > 1:
-            ordered = np.sort(arr)
-            same = ordered[1:] == ordered[:-1]
-            if same.any():
-                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
 
     def _adopt(self, arr: np.ndarray) -> None:
         """Mark slots (already checked with `_check_used(distinct=True)`) as the cache's own."""
