@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from radixkv.memory import TokenToKVPool
+from radixkv.memory import TokenToKVPool, TreeNode
 
 
 def _slot_list(held: Iterable[Any] | torch.Tensor | np.ndarray | int) -> list[int]:
@@ -66,3 +68,23 @@ def assert_no_leak(pool: TokenToKVPool, cache: Any = None, held: Any = ()) -> No
 def no_leak() -> Any:
     """The `assert_no_leak(pool, cache=None, held=())` helper, as a fixture."""
     return assert_no_leak
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def path_of(node: TreeNode) -> tuple[int, ...]:
+    """Tokens from the root down to the end of `node`."""
+    out: list[int] = []
+    while node.parent is not None:
+        out[:0] = node.tokens.tolist()
+        node = node.parent
+    return tuple(out)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_leak
+from conftest import assert_no_leak, path_of
 
 from radixkv.errors import InvalidSlotError, InvariantError, LockError, RadixKVError
 from radixkv.memory import NaiveCache, RadixCache, TokenToKVPool, TreeNode
@@ -30,13 +30,6 @@ def put(pool: TokenToKVPool, cache: Any, tokens: Sequence[int],
     return slots.tolist(), k
 
 
-def path_of(node: TreeNode) -> tuple[int, ...]:
-    """Tokens from the root down to the end of `node`."""
-    out: list[int] = []
-    while node.parent is not None:
-        out[:0] = node.tokens.tolist()
-        node = node.parent
-    return tuple(out)
 
 
 def contents(cache: RadixCache) -> dict[tuple[Hashable, tuple[int, ...]], int]:

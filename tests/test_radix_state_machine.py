@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_leak
+from conftest import assert_no_leak, path_of
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -52,12 +52,6 @@ pick_st = st.integers(0, 1 << 16)  # an index into one of the machine's lists, t
 seq_st = st.tuples(pick_st, st.integers(0, 9), st.lists(st.integers(0, 3), max_size=5))
 
 
-def path_of(node: TreeNode) -> tuple[int, ...]:
-    out: list[int] = []
-    while node.parent is not None:
-        out[:0] = node.tokens.tolist()
-        node = node.parent
-    return tuple(out)
 
 
 @dataclass

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_size
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,16 +25,6 @@ from radixkv.tools.simulate import (
     simulate_contiguous,
     simulate_paged,
 )
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
 
 
 # ---- the seed scenario, traced by hand ---------------------------------------------------------

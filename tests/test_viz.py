@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_leak
+from conftest import assert_no_leak, png_size
 
 from radixkv.cli import main
 from radixkv.errors import ConfigError, InvalidSlotError
@@ -36,15 +35,6 @@ from radixkv.tools.viz import (
     to_dot,
     write_pictures,
 )
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
 
 
 class Letters:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from radixkv.engine.model_runner import ModelRunner
-from radixkv.engine.request import Request, Status
+from radixkv.engine.request import Request
 from radixkv.engine.sampler import Sampler
 from radixkv.engine.sampling_params import SamplingParams
 from radixkv.engine.scheduler import Batch, Scheduler
@@ -241,6 +241,3 @@ class Engine:
             raise AssertionError("idle engine still holds locks on the tree")
         if self.req_pool.available_size() != self.req_pool.max_requests:
             raise AssertionError("idle engine still holds request rows")
-
-    def is_running(self, req: Request) -> bool:
-        return req.status is Status.RUNNING
