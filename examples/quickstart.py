@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = ["The three primary colors are", "Water boils at sea level at a temperature of"]
     for prompt, out in zip(prompts, llm.generate(prompts, greedy), strict=True):
         print(f"{prompt!r}\n  -> {out.outputs[0].text!r}")
-        print(f"     {len(out.prompt_token_ids)} prompt tokens, {len(out.outputs[0].token_ids)} new, "
+        print(f"     {len(out.prompt_token_ids)} prompt tokens, "
+              f"{len(out.outputs[0].token_ids)} new, "
               f"finish_reason={out.outputs[0].finish_reason}, {out.metrics.latency:.2f} s")
 
     # 2. chat(): the model's chat template is applied to a list of {"role", "content"} messages.
