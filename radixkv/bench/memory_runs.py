@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.suite.runlog import RunLog, drive
-from bench.suite.workloads import Trace
+from radixkv.bench.runlog import RunLog, drive
+from radixkv.bench.workloads import Trace
 from radixkv.engine.request import Request
 from radixkv.engine.sampling_params import SamplingParams
 from radixkv.engine.scheduler import Scheduler
@@ -71,7 +71,9 @@ class SchedulerAdapter:
         batch = self.sched.schedule()
         if batch is None:
             return
-        # what Engine._process does with sampled tokens, the scripted answer standing in
+        # TODO(postprocess): a copy of Engine._process's end-of-step memory work (kv_len, prefix
+        # caching at chunk ends, finish/release), the scripted answer standing in for sampled
+        # tokens; call Scheduler.postprocess(batch, next_tokens) instead once it exists.
         for it in batch.items:
             req = it.req
             req.kv_len = it.end
