@@ -20,7 +20,7 @@ from radixkv.tools.calc import (
     kv_bytes_per_token,
     load_gguf,
     load_hf_config,
-    resolve_model,
+    load_model_spec,
 )
 
 KiB, GiB = 1024, 1 << 30
@@ -166,7 +166,7 @@ LLAMA3_8B_CONFIG = {
 def test_hf_config_matches_preset(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
     for path in (tmp_path, tmp_path / "config.json"):
-        spec = resolve_model(path)
+        spec = load_model_spec(path)
         assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (32, 8, 128)
         assert spec.params == PUBLISHED_PARAMS["llama-3-8b"]
         assert spec.max_context == 8192
@@ -217,7 +217,7 @@ def test_missing_paths_raise_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_hf_config(tmp_path / "nope")
     with pytest.raises(ConfigError):
-        resolve_model(tmp_path / "nope.gguf")
+        load_model_spec(tmp_path / "nope.gguf")
 
 
 # ---- GGUF --------------------------------------------------------------------------------------

@@ -41,6 +41,19 @@ def as_slot_array(slots: SlotsLike) -> np.ndarray:
     return arr.reshape(-1)
 
 
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype | int, v_head_dim: int | None = None) -> int:
+    """Bytes of K plus V that one token leaves in the cache, across every layer and KV head.
+
+    `dtype` is the cache's torch dtype or its bytes per element (for formats torch has no dtype
+    for, e.g. a sizing tool's int8 or fp8 cache). `v_head_dim` is V's head size when it differs
+    from K's (None: the same). 2 x layers x KV heads x head_dim x bytes when they are equal.
+    """
+    elem = dtype if isinstance(dtype, int) else dtype.itemsize
+    v_dim = head_dim if v_head_dim is None else v_head_dim
+    return num_layers * num_kv_heads * (head_dim + v_dim) * elem
+
+
 class TokenToKVPool:
     """Per-layer K/V buffers `[num_slots + 1, num_kv_heads, head_dim]` and a free-slot allocator.
 
@@ -216,8 +229,7 @@ class TokenToKVPool:
 
     def bytes_per_token(self) -> int:
         """Bytes of K plus V for one token across all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     def total_bytes(self) -> int:
         """Bytes held by all K/V buffers, the reserved slot 0 included."""
