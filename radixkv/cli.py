@@ -133,8 +133,9 @@ def _run_simulate(args: argparse.Namespace) -> int:
 def _add_viz(sub: Subparsers) -> None:
     p = sub.add_parser(
         "viz", help="draw a radix tree built from chat prompts, and the KV pool's memory map",
-        description="Serve a few chat prompts through a real RadixCache and TokenToKVPool and "
-                    "write tree.txt, tree.dot, tree.png, memory_map.txt and memory_map.png.")
+        description="Serve a few chat prompts through radixkv's real scheduler, RadixCache and "
+                    "TokenToKVPool (scripted answers stand in for a model) and write tree.txt, "
+                    "tree.dot, tree.png, memory_map.txt and memory_map.png.")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
     p.add_argument("--tokenizer", choices=("auto", "model", "word"), default="auto",
                    help="auto: the default model's tokenizer when it loads, else a word "
