@@ -263,8 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meta": {"mode": mode_name, "seed": args.seed, "workloads": names,
                  "threads": torch.get_num_threads(),
                  "started": dt.datetime.now().isoformat(timespec="seconds"),
-                 "command": " ".join(["radixkv bench",
-                                      *(getattr(args, "argv", None) or sys.argv[1:])]),
+                 "command": " ".join(["radixkv bench", *_argv(args)]),
                  "declared_max_tokens": mode.declared_max_tokens,
                  "efficiency_model": EFFICIENCY_MODEL,
                  "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
@@ -318,6 +317,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["meta"]["plots"] = [p.name for p in write_all(results, out)]
         write_json(results, out / "results.json")
     return results
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The options this run was given, for the summary's command line."""
+    argv = getattr(args, "argv", None)
+    if argv is None:  # from sys.argv: `radixkv bench ...` puts the subcommand first
+        argv = sys.argv[1:]
+        if argv[:1] == ["bench"]:
+            argv = argv[1:]
+    return list(argv)
 
 
 def failed_checks(results: dict[str, Any]) -> list[str]:
