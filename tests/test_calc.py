@@ -221,10 +221,10 @@ def test_missing_paths_raise_config_error(tmp_path: Path) -> None:
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
-def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
+def _write_tiny_gguf(path: Path) -> None:
+    """2 layers, hidden 64, 4 heads (2 KV), context 128; an fp32 embedding and an fp16 norm."""
     import gguf
 
-    path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny")
     w.add_block_count(2)
@@ -239,6 +239,11 @@ def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path)
     spec = load_gguf(path)
     assert spec.name == "tiny"
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (2, 2, 16)  # 64 / 4 heads
@@ -249,6 +254,23 @@ def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
     b = compute_budget(path, 64)
     assert b.weight_bytes == 16 * 64 * 4 + 64 * 2
     assert "GGUF" in b.weight_source
+
+
+def test_model_paths_are_classified_like_the_loader(tmp_path: Path) -> None:
+    """A folder holding one .gguf is that file, as for `LLM(folder)`; a folder with neither a
+    config.json nor a .gguf, and a non-GGUF file, are errors; a non-path is a preset name."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _write_tiny_gguf(folder / "tiny.gguf")
+    assert load_model_spec(folder) == load_gguf(folder / "tiny.gguf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="neither config.json nor a .gguf"):
+        load_model_spec(empty)
+    (tmp_path / "weights.bin").write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="not a GGUF file"):
+        load_model_spec(tmp_path / "weights.bin")
+    assert load_model_spec("Llama_3_70B") is get_preset("llama-3-70b")
 
 
 def test_gguf_not_a_gguf_file(tmp_path: Path) -> None:
