@@ -103,7 +103,7 @@ class ModelBench:
     """One loaded model serving every model-level system."""
 
     def __init__(self, model: str | None, dtype: str = "float32") -> None:
-        from radixkv import LLM
+        from radixkv.llm import LLM
 
         self.model_arg = model
         self.dtype = dtype
