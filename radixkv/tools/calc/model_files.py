@@ -144,7 +144,6 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     )
 
 
-
 def load_gguf(path: str | Path) -> ModelSpec:
     """A `ModelSpec` from a GGUF file's header, read by the loader's `GGUFFile`.
 

@@ -49,7 +49,6 @@ class ModelSpec:
         return dense_param_count(self)
 
 
-
 def dense_param_count(spec: ModelSpec) -> int | None:
     """Parameters of a Llama-layout decoder (None if the layout or a dimension is unknown).
 

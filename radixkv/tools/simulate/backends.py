@@ -24,6 +24,8 @@ from radixkv.tools.simulate.trace import TraceRequest
 
 @dataclass
 class RunState:
+    """A request while the replay holds it: its progress and what its allocator gave it."""
+
     req: TraceRequest
     index: int  # position in the trace (colours the block maps)
     admitted: int
@@ -33,8 +35,9 @@ class RunState:
     slots: list[Any] = field(default_factory=list)  # paged: CPU int64 slot tensors
 
 
-
 class Backend:
+    """What the replay asks of an allocator (`name` labels it, `unit` names its blocks)."""
+
     name = ""
     unit = "blocks"
 

@@ -126,7 +126,6 @@ def _blocks(num_blocks: Any) -> int:
     return num_blocks
 
 
-
 def compare(trace: list[TraceRequest], num_blocks: int,
             reserve: int | None = None) -> Comparison:
     """Run the trace on both allocators."""

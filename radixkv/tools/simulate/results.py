@@ -91,7 +91,6 @@ class SimResult:
         return float(np.mean([self.finished[r.name] - r.arrival for r in self.trace]))
 
 
-
 @dataclass(frozen=True)
 class Comparison:
     """Both allocators on one trace."""

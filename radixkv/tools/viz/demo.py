@@ -53,7 +53,6 @@ DEMO_ANSWERS: dict[str, str] = {
 }
 
 
-
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of plain text, without the special tokens an HF tokenizer may add."""
     try:

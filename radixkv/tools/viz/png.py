@@ -138,7 +138,6 @@ def render_tree_png(cache: RadixCache, path: str | Path, tokenizer: Any = None,
     return out
 
 
-
 def render_memory_map_png(mm: MemoryMap, path: str | Path, width: int | None = None,
                           dpi: int = 100) -> Path:
     """Draw the pool as a grid of slots (row-major, `width` per row) coloured by owner.

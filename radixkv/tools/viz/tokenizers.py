@@ -41,7 +41,6 @@ class WordTokenizer:
         return len(self._pieces)
 
 
-
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a chat: the tokenizer's chat template when it has one, else 'role: text'."""
     template = getattr(tokenizer, "apply_chat_template", None)
