@@ -122,4 +122,3 @@ def format_tree(cache: RadixCache, tokenizer: Any = None, max_depth: int | None 
         for i, child in enumerate(kids):
             visit(child, "", i == len(kids) - 1, 1)
     return "\n".join(lines)
-

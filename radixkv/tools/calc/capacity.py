@@ -209,4 +209,3 @@ def compute_budget(
         weight_source=weight_source, kv_pool_bytes_per_gpu=pool, tokens_fit=tokens,
         concurrent_requests=paged, contiguous_requests=contiguous, notes=tuple(notes),
     )
-

@@ -73,4 +73,3 @@ def dense_param_count(spec: ModelSpec) -> int | None:
     per_layer = attn + mlp + 2 * h
     embed = vocab * h * (1 if spec.tie_word_embeddings else 2)
     return embed + spec.num_layers * per_layer + h
-

@@ -68,4 +68,3 @@ class ContiguousAllocator:
     def allocations(self) -> dict[int, int]:
         """start -> length of every live allocation."""
         return dict(self._allocs)
-

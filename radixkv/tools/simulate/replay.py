@@ -131,4 +131,3 @@ def compare(trace: list[TraceRequest], num_blocks: int,
     """Run the trace on both allocators."""
     return Comparison(simulate_contiguous(trace, num_blocks, reserve),
                       simulate_paged(trace, num_blocks))
-

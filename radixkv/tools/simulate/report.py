@@ -94,4 +94,3 @@ def format_report(cmp: Comparison, events: bool = True, title: str = "") -> str:
             out += (f"  Paged admitted {f.request} at t={p_adm}; contiguous at "
                     f"t={c.admitted[f.request]}.\n")
     return out + "\n" + format_summary(cmp)
-

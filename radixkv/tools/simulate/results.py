@@ -97,4 +97,3 @@ class Comparison:
 
     contiguous: SimResult
     paged: SimResult
-

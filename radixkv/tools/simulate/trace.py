@@ -121,4 +121,3 @@ def load_trace(path: str | Path) -> list[TraceRequest]:
         except KeyError as exc:
             raise ConfigError(f"{path}: entry {i} lacks {exc}") from exc
     return validate_trace(out)
-

@@ -153,4 +153,3 @@ def format_memory_map(mm: MemoryMap, width: int = 64) -> str:
         lines.append(f"  {n_shared} tree slots are also read by running requests "
                      "(their cached prefixes, shared in place)")
     return "\n".join(lines)
-

@@ -211,4 +211,3 @@ def render_memory_map_png(mm: MemoryMap, path: str | Path, width: int | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
-

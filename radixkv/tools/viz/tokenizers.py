@@ -73,4 +73,3 @@ def load_demo_tokenizer(kind: str = "auto") -> tuple[Any, str]:
                               f"{type(exc).__name__}: {exc}") from exc
         return WordTokenizer(), (f"word tokenizer (the default model's tokenizer did not load: "
                                  f"{type(exc).__name__}: {exc})")
-
