@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from radixkv.errors import InvalidSlotError, OutOfSlotsError
+from radixkv.memory.kv_size import kv_bytes_per_token
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
@@ -39,19 +40,6 @@ def as_slot_array(slots: SlotsLike) -> np.ndarray:
             raise InvalidSlotError(f"slot indices must be integers, got dtype {arr.dtype}")
         arr = arr.astype(np.int64)
     return arr.reshape(-1)
-
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype | int, v_head_dim: int | None = None) -> int:
-    """Bytes of K plus V that one token leaves in the cache, across every layer and KV head.
-
-    `dtype` is the cache's torch dtype or its bytes per element (for formats torch has no dtype
-    for, e.g. a sizing tool's int8 or fp8 cache). `v_head_dim` is V's head size when it differs
-    from K's (None: the same). 2 x layers x KV heads x head_dim x bytes when they are equal.
-    """
-    elem = dtype if isinstance(dtype, int) else dtype.itemsize
-    v_dim = head_dim if v_head_dim is None else v_head_dim
-    return num_layers * num_kv_heads * (head_dim + v_dim) * elem
 
 
 class TokenToKVPool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from radixkv.errors import ConfigError
-from radixkv.memory.kv_pool import kv_bytes_per_token as _kv_bytes
+from radixkv.memory.kv_size import kv_bytes_per_token as _kv_bytes
 from radixkv.tools.calc.model_files import load_model_spec
 from radixkv.tools.calc.spec import ModelSpec
 
@@ -58,7 +58,7 @@ def kv_heads_per_gpu(num_kv_heads: int, tp: int) -> int:
 
 def kv_bytes_per_token(spec: ModelSpec, dtype: str = "fp16") -> int:
     """KV bytes of one token across every layer and KV head (one copy of each head), by the
-    memory level's own formula (`radixkv.memory.kv_pool.kv_bytes_per_token`)."""
+    memory level's own formula (`radixkv.memory.kv_size.kv_bytes_per_token`)."""
     return _kv_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, kv_dtype_bytes(dtype)[1],
                      v_head_dim=spec.v_head_dim)
 
