@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +320,14 @@ def test_cli_calc_list_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["calc", "nonexistent-model"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["calc"]) == 2
+
+
+def test_presets_size_without_torch() -> None:
+    """The calculator sizes a preset with the memory level's formula without importing torch
+    (`radixkv.memory` loads its torch-backed names on first use only)."""
+    code = ("import sys; from radixkv.cli import main; main(['calc', 'llama-3-70b']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1], check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "320.0 KiB (327,680 B" in done.stdout
