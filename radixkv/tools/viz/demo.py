@@ -82,20 +82,10 @@ def _step(sched: Scheduler, answers: dict[str, list[int]]) -> None:
     batch = sched.schedule()
     if batch is None:
         return
-    # TODO(postprocess): this copies Engine._process's end-of-step memory work (as
-    # radixkv/bench/memory_runs.py does); call Scheduler.postprocess(batch, next_tokens) instead
-    # once it exists, with next_tokens the scripted answers' next tokens.
-    for it in batch.items:
-        req = it.req
-        req.kv_len = it.end
-        if not it.sample:
-            sched.cache_prefix(req)  # chunk boundary: the computed prefix goes into the tree
-            continue
-        if not batch.is_decode:
-            sched.cache_prefix(req)
-        answer = answers[req.rid]
-        req.output_ids.append(answer[len(req.output_ids)])
-        if len(req.output_ids) >= len(answer):
+    tokens = [answers[it.req.rid][len(it.req.output_ids)] for it in batch.items
+              if it.samples_next]
+    for req in sched.postprocess(batch, tokens):  # the scheduler's own end-of-step work
+        if len(req.output_ids) >= len(answers[req.rid]):
             sched.finish(req, "stop")  # as at EOS: the KV goes into the tree
 
 
