@@ -12,6 +12,7 @@ import torch
 from radixkv.engine import Engine, EngineConfig, Request, SamplingParams
 from radixkv.engine.schedule_policy import check_policy
 from radixkv.errors import InvalidRequestError
+from radixkv.memory.kv_quant import kv_bytes_per_token, parse_kv_cache_dtype
 
 if TYPE_CHECKING:
     from radixkv.model import LoadedModel
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 Prompt = str | Sequence[int]
 Message = dict[str, str]
 
-MAX_AUTO_TOKENS = 1 << 16  # cap of the automatic pool size (tokens)
+MAX_AUTO_TOKENS = 1 << 16  # cap of the automatic pool size (tokens at the model dtype)
 AUTO_MEMORY_FRACTION = 0.25  # share of free memory the automatic pool may take
 
 
@@ -48,14 +49,19 @@ class LLM:
         enable_prefix_cache: False swaps the radix tree for `NaiveCache` (A/B baseline).
         schedule_policy: "lpm" (longest prefix match first), "fcfs" or "dfs-weight".
         chunked_prefill_size: most prompt tokens computed in one step.
+        kv_cache_dtype: KV storage: "auto" (the model dtype), "int8" or "fp8_e4m3" (codes plus
+            a float32 scale per token and KV head; ~3.7x the tokens of float32 KV in the same
+            memory). Anything else raises `ConfigError`.
     """
 
     def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "float32",
                  device: str = "cpu", max_total_tokens: int | None = None,
                  max_running_requests: int = 64, page_size: int = 1,
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",
-                 chunked_prefill_size: int = 512, seed: int = 0) -> None:
+                 chunked_prefill_size: int = 512, seed: int = 0,
+                 kv_cache_dtype: str = "auto") -> None:
         check_policy(schedule_policy)
+        parse_kv_cache_dtype(kv_cache_dtype, torch.float32)  # ConfigError before loading
         for name, value in (("max_running_requests", max_running_requests),
                             ("page_size", page_size),
                             ("chunked_prefill_size", chunked_prefill_size)):
@@ -73,19 +79,23 @@ class LLM:
                                                                           device=device)
         self.tokenizer = self.lm.tokenizer
         if max_total_tokens is None:
-            max_total_tokens = self._auto_pool_size()
+            max_total_tokens = self._auto_pool_size(kv_cache_dtype)
         self.engine = Engine(self.lm, EngineConfig(
             max_total_tokens=max_total_tokens, max_running_requests=max_running_requests,
             page_size=page_size, enable_prefix_cache=enable_prefix_cache,
             schedule_policy=schedule_policy, chunked_prefill_size=chunked_prefill_size,
-            seed=seed))
+            seed=seed, kv_cache_dtype=kv_cache_dtype))
 
-    def _auto_pool_size(self) -> int:
+    def _auto_pool_size(self, kv_cache_dtype: str = "auto") -> int:
         cfg = self.lm.config
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
-            torch.empty((), dtype=self.lm.dtype).element_size()
+        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                       parse_kv_cache_dtype(kv_cache_dtype, self.lm.dtype))
         budget = int(_free_memory_bytes(self.lm.device) * AUTO_MEMORY_FRACTION)
-        return max(1, min(budget // per_token, MAX_AUTO_TOKENS))
+        # The cap bounds memory (MAX_AUTO_TOKENS tokens at the model dtype), so a quantized pool
+        # holds proportionally more tokens under it too.
+        cap = MAX_AUTO_TOKENS * kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads,
+                                                   cfg.head_dim, self.lm.dtype) // per_token
+        return max(1, min(budget // per_token, cap))
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],

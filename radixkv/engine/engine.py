@@ -30,6 +30,7 @@ class EngineConfig:
     schedule_policy: str = "lpm"
     chunked_prefill_size: int = 512
     seed: int = 0
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "int8" or "fp8_e4m3"
 
 
 class Engine:
@@ -41,7 +42,8 @@ class Engine:
         self.config = config
         self.max_context = cfg.max_position_embeddings
         self.kv_pool = TokenToKVPool(config.max_total_tokens, cfg.num_layers, cfg.num_kv_heads,
-                                     cfg.head_dim, dtype=lm.dtype, device=lm.device)
+                                     cfg.head_dim, dtype=lm.dtype, device=lm.device,
+                                     kv_cache_dtype=config.kv_cache_dtype)
         self.req_pool = ReqToTokenPool(config.max_running_requests, self.max_context,
                                        device=lm.device)
         self.cache = (RadixCache(self.kv_pool, page_size=config.page_size)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from radixkv.errors import ConfigError
+from radixkv.memory.kv_quant import SCALE_BYTES
 
 GiB = 1 << 30
 
@@ -426,9 +427,19 @@ def kv_heads_per_gpu(num_kv_heads: int, tp: int) -> int:
     return 1
 
 
+def kv_scale_bytes_per_token(spec: ModelSpec, dtype: str = "fp16") -> int:
+    """Scale bytes of one token: radixkv's int8 / fp8 KV keeps one float32 scale per layer,
+    KV head and K or V (`radixkv.memory.kv_quant`); float dtypes need none."""
+    if kv_dtype_bytes(dtype)[0] not in ("int8", "fp8"):
+        return 0
+    return 2 * spec.num_layers * spec.num_kv_heads * SCALE_BYTES
+
+
 def kv_bytes_per_token(spec: ModelSpec, dtype: str = "fp16") -> int:
-    """KV bytes of one token across every layer and KV head (one copy of each head)."""
-    return spec.kv_elements_per_token() * kv_dtype_bytes(dtype)[1]
+    """KV bytes of one token across every layer and KV head (one copy of each head), scales
+    of quantized dtypes included: what radixkv's `TokenToKVPool.bytes_per_token()` allocates."""
+    return spec.kv_elements_per_token() * kv_dtype_bytes(dtype)[1] + \
+        kv_scale_bytes_per_token(spec, dtype)
 
 
 @dataclass(frozen=True)
@@ -533,7 +544,7 @@ def compute_budget(
         notes.append(f"tp {tp} > {spec.num_kv_heads} KV heads: each KV head is replicated on "
                      f"{tp // spec.num_kv_heads} GPUs, so the group stores {tp} head copies")
 
-    bpt = spec.kv_elements_per_token() * elem
+    bpt = kv_bytes_per_token(spec, kv_name)
     bpt_gpu = bpt * per_gpu_heads // spec.num_kv_heads
     gpu_bytes = int(round(gpu_mem_gib * GiB))
     usable = int(gpu_bytes * mem_fraction)
@@ -611,6 +622,8 @@ def format_budget(b: KVBudget) -> str:
             + (f"; page size {b.page_size}" if b.page_size > 1 else ""), ""]
     elems = (f"{factor}{m.num_layers} x {m.num_kv_heads} x "
              f"{m.head_dim if v_dim == m.head_dim else m.head_dim + v_dim} x {b.kv_dtype_bytes} B")
+    if kv_scale_bytes_per_token(m, b.kv_dtype):
+        elems += f" + 2 x {m.num_layers} x {m.num_kv_heads} x {SCALE_BYTES} B scales"
     rows = [("KV bytes per token", f"{format_bytes(b.bytes_per_token)} "
                                    f"({b.bytes_per_token:,} B = {elems})")]
     if b.tp > 1:
@@ -658,7 +671,7 @@ def format_presets(dtype: str = "fp16") -> str:
         params = spec.params
         rows.append((key, str(spec.num_layers), str(spec.num_kv_heads), str(spec.head_dim),
                      f"{params / 1e9:.2f} B" if params else "?",
-                     format_bytes(spec.kv_elements_per_token() * elem),
+                     format_bytes(kv_bytes_per_token(spec, name)),
                      f"{spec.max_context:,}" if spec.max_context else "?"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w)
