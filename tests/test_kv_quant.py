@@ -165,6 +165,13 @@ def test_unknown_kv_cache_dtype_is_a_config_error(bad: object) -> None:
         TokenToKVPool(4, 1, 1, 8, kv_cache_dtype=bad)  # type: ignore[arg-type]
 
 
+def test_quantized_kv_on_a_device_without_kernels_is_a_config_error() -> None:
+    attention.check_kv_cache_support(torch.int8, "cpu")
+    attention.check_kv_cache_support(torch.float16, "meta")  # float K/V: nothing to check
+    with pytest.raises(ConfigError, match="no attention kernel on meta.*'auto'"):
+        attention.check_kv_cache_support(torch.int8, "meta")
+
+
 def test_fp8_without_float8_torch_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kv_quant, "fp8_dtype", lambda: None)
     with pytest.raises(ConfigError, match="float8_e4m3fn.*'auto' or 'int8'"):

@@ -34,9 +34,12 @@ from radixkv.attention.validation import (
     check_extend,
     check_index_values,
 )
+from radixkv.errors import ConfigError
 from radixkv.memory.kv_pool import set_quant_store_hook
+from radixkv.memory.kv_quant import is_quantized, kv_cache_dtype_name
 
-__all__ = ["AttentionInputError", "build_kv_indices", "decode", "extend", "reference"]
+__all__ = ["AttentionInputError", "build_kv_indices", "check_kv_cache_support", "decode",
+           "extend", "reference"]
 
 # A request with at least this many (query, key, query head) score entries runs its extend on
 # torch's SDPA (flash kernel on oneDNN/MKL GEMMs) over K/V gathered once; smaller ones go to the
@@ -48,6 +51,30 @@ _EXTEND_SDPA_WORK = 1 << 21
 
 def _check_cuda_indices() -> bool:
     return os.environ.get("RADIXKV_CHECK_INDICES", "0") == "1"
+
+
+def check_kv_cache_support(kv_dtype: torch.dtype, device: str | torch.device) -> None:
+    """Raise `ConfigError` when no attention backend here reads `kv_dtype` K/V on `device`.
+
+    Float K/V run everywhere the model runs. Quantized K/V (int8, fp8_e4m3) are read by the
+    CPU kernels (fused C++, or the torch fallback) and on CUDA by the Triton kernels, so they
+    need triton there; other devices must use kv_cache_dtype "auto".
+    """
+    if not is_quantized(kv_dtype):
+        return
+    dev = torch.device(device)
+    name = kv_cache_dtype_name(kv_dtype)
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"kv_cache_dtype {name!r} on CUDA needs the Triton kernels, but "
+                              f"triton cannot be imported ({exc}); choose 'auto'") from exc
+        return
+    raise ConfigError(f"kv_cache_dtype {name!r} has no attention kernel on {dev.type} (CPU "
+                      f"and CUDA only); choose 'auto'")
 
 
 def _cpu_quant_store(src: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from radixkv.attention import check_kv_cache_support
 from radixkv.engine.model_runner import ModelRunner
 from radixkv.engine.request import Request
 from radixkv.engine.sampler import Sampler
@@ -18,6 +19,7 @@ from radixkv.engine.sampling_params import SamplingParams
 from radixkv.engine.scheduler import Batch, Scheduler
 from radixkv.errors import InvalidRequestError
 from radixkv.memory import NaiveCache, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.memory.kv_quant import parse_kv_cache_dtype
 from radixkv.model import LoadedModel
 
 
@@ -41,6 +43,7 @@ class Engine:
         self.lm = lm
         self.config = config
         self.max_context = cfg.max_position_embeddings
+        check_kv_cache_support(parse_kv_cache_dtype(config.kv_cache_dtype, lm.dtype), lm.device)
         self.kv_pool = TokenToKVPool(config.max_total_tokens, cfg.num_layers, cfg.num_kv_heads,
                                      cfg.head_dim, dtype=lm.dtype, device=lm.device,
                                      kv_cache_dtype=config.kv_cache_dtype)
