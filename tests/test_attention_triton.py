@@ -137,3 +137,34 @@ def test_random_shapes(p: dict) -> None:
     qe = torch.randn(int(qo[-1]), p["hkv"] * p["group"], p["d"], generator=gen)
     out = triton_backend.extend(qe, lay.k, lay.v, qo, lay.kv_indptr, lay.kv_indices, scale)
     assert _err(out, _exact_extend(qe, lay, qo, scale)) <= 1e-5
+
+
+@pytest.mark.parametrize(("name", "group", "hkv", "d", "dtype"), [
+    ("int8", 1, 2, 64, torch.float32),
+    ("int8", 3, 1, 128, torch.bfloat16),
+    ("fp8_e4m3", 8, 1, 64, torch.float32),
+    ("fp8_e4m3", 3, 2, 64, torch.float16),
+])
+def test_quantized_kv_matches_reference(name: str, group: int, hkv: int, d: int,
+                                        dtype: torch.dtype) -> None:
+    # int8 / fp8 codes with per-(slot, head) scales, read and dequantized inside the kernels.
+    from test_kv_quant import F8, quant_layout
+    if name == "fp8_e4m3" and F8 is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    shape = [(0, 3), (40, 1), (5, 0), (9, 20)]
+    lay, k, v, ks, vs = quant_layout([p + n for p, n in shape], hkv, d, name, seed=group + d)
+    scale = d ** -0.5
+    q = torch.randn(len(shape), hkv * group, d).to(dtype)
+    out = triton_backend.decode(q, k, v, lay.kv_indptr, lay.kv_indices, scale, k_scale=ks,
+                                v_scale=vs)
+    exact = reference.decode(q.double(), k, v, lay.kv_indptr, lay.kv_indices, scale,
+                             k_scale=ks, v_scale=vs)
+    # Outputs reach ~10 here (V rows of varied magnitude): the half-dtype bound is relative.
+    assert out.dtype == dtype and _err(out, exact) <= TOL[dtype] * max(1.0, exact.abs().max())
+    qo = _qo_indptr([n for _, n in shape])
+    qe = torch.randn(int(qo[-1]), hkv * group, d).to(dtype)
+    out = triton_backend.extend(qe, k, v, qo, lay.kv_indptr, lay.kv_indices, scale, k_scale=ks,
+                                v_scale=vs)
+    exact = reference.extend(qe.double(), k, v, qo, lay.kv_indptr, lay.kv_indices, scale,
+                             k_scale=ks, v_scale=vs)
+    assert _err(out, exact) <= TOL[dtype] * max(1.0, exact.abs().max())

@@ -64,8 +64,10 @@ def test_preset_bytes_per_token(name: str) -> None:
     assert kv_bytes_per_token(spec, "fp16") == fp16
     assert kv_bytes_per_token(spec, "bf16") == fp16
     assert kv_bytes_per_token(spec, "fp32") == 2 * fp16
-    assert kv_bytes_per_token(spec, "fp8") == fp16 // 2
-    assert kv_bytes_per_token(spec, "int8") == fp16 // 2
+    # int8 / fp8 add one float32 scale per layer, KV head and K or V (radixkv's pool layout).
+    scales = 2 * spec.num_layers * spec.num_kv_heads * 4
+    assert kv_bytes_per_token(spec, "fp8") == fp16 // 2 + scales
+    assert kv_bytes_per_token(spec, "int8") == fp16 // 2 + scales
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

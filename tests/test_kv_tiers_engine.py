@@ -210,3 +210,16 @@ def test_connection_reset_mid_run_keeps_serving(tiny_llama_dir, oracle, redis_se
         redis_server.client().client_kill_filter(_type="normal", skipme=True)  # reset it
         assert run(llm, prompts()) == oracle  # a retry or a counted miss, never wrong KV
         llm.check_no_leak()
+
+
+def test_disk_tier_stores_quantized_kv_with_its_scales(tiny_llama_dir, tmp_path):  # noqa: F811
+    url = f"file://{tmp_path}/kv"
+    with LLM(str(tiny_llama_dir), max_total_tokens=4096, enable_prefix_cache=False,
+             kv_cache_dtype="int8") as llm:
+        want = run(llm, prompts())
+    warm(tiny_llama_dir, url, kv_cache_dtype="int8")
+    with LLM(str(tiny_llama_dir), max_total_tokens=POOL, kv_store=url,
+             kv_cache_dtype="int8") as llm:
+        assert run(llm, prompts()) == want  # codes and scales came back byte for byte
+        assert llm.cache_stats()["tier_hit_tokens"] == 192
+        llm.check_no_leak()

@@ -6,6 +6,9 @@ and `enable_gqa` (no repeat_interleave, no second copy). Extend runs SDPA per re
 `enable_gqa` on K/V gathered once per request: a big extend is compute bound, so the gather is a
 small cost, and SDPA's CPU flash kernel (blocked GEMMs) is the fastest option for big tiles.
 
+Quantized K/V (int8 / fp8 codes with `k_scale` / `v_scale` [rows, Hkv]) are dequantized right
+after the gather, on the gathered rows only (a chunk of requests, or one request), never the pool.
+
 Inputs are assumed validated (`radixkv.attention.validation`).
 """
 
@@ -19,8 +22,19 @@ import torch.nn.functional as F
 _DECODE_CHUNK_BYTES = 4 << 20
 
 
+def _gather(buf: torch.Tensor, scale: torch.Tensor | None, slots: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Rows `buf[slots]` [n, Hkv, D] in `dtype`, dequantized with `scale` [rows, Hkv] if given."""
+    rows = buf.index_select(0, slots)
+    if scale is None:
+        return rows
+    return (rows.float() * scale.index_select(0, slots).unsqueeze(-1)).to(dtype)
+
+
 def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-           kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float) -> torch.Tensor:
+           kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float, *,
+           k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D], k_buffer / v_buffer [rows, Hkv, D] -> o [B, Hq, D] (see `attention.decode`).
     A request with no KV slots gets a zero output row."""
     bsz, hq, d = q.shape
@@ -31,7 +45,7 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     indptr = kv_indptr.to(torch.int64)
     lens = indptr[1:] - indptr[:-1]  # [B]
     lens_l = lens.tolist()
-    row_bytes = 2 * hkv * d * k_buffer.element_size()
+    row_bytes = 2 * hkv * d * q.element_size()  # as gathered (dequantized)
     start = 0
     while start < bsz:
         # Greedy chunk: add requests while the padded gather fits the budget.
@@ -43,14 +57,17 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             end, lmax = end + 1, nl
         if lmax > 0:
             _decode_chunk(q[start:end], k_buffer, v_buffer, indptr[start:end],
-                          lens[start:end], kv_indices, lmax, sm_scale, out[start:end])
+                          lens[start:end], kv_indices, lmax, sm_scale, out[start:end],
+                          k_scale, v_scale)
         start = end
     return out
 
 
 def _decode_chunk(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                   starts: torch.Tensor, lens: torch.Tensor, kv_indices: torch.Tensor,
-                  lmax: int, sm_scale: float, out: torch.Tensor) -> None:
+                  lmax: int, sm_scale: float, out: torch.Tensor,
+                  k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
     b, hq, d = q.shape
     hkv = k_buffer.shape[1]
     dev = q.device
@@ -59,8 +76,8 @@ def _decode_chunk(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
     flat = (starts[:, None] + pos[None, :]).clamp_(max=max(kv_indices.shape[0] - 1, 0))
     slots = torch.where(valid, kv_indices[flat].to(torch.int64), 0).view(-1)  # pad -> slot 0
     # [b, L, Hkv, D] gathered, viewed [b, Hkv, L, D] without a copy: SDPA takes strided input.
-    k = k_buffer.index_select(0, slots).view(b, lmax, hkv, d).transpose(1, 2)
-    v = v_buffer.index_select(0, slots).view(b, lmax, hkv, d).transpose(1, 2)
+    k = _gather(k_buffer, k_scale, slots, q.dtype).view(b, lmax, hkv, d).transpose(1, 2)
+    v = _gather(v_buffer, v_scale, slots, q.dtype).view(b, lmax, hkv, d).transpose(1, 2)
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None, :],
                                        scale=sm_scale, enable_gqa=hq != hkv)  # [b, Hq, 1, D]
     out.copy_(o[:, :, 0])
@@ -73,7 +90,8 @@ def _decode_chunk(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tenso
 def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
            qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
            sm_scale: float, requests: list[int] | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, Hq, D] -> o [N, Hq, D] (see `attention.extend`), one SDPA call per request.
 
     `requests` limits the work to those request ids (the others' rows of `out` are left as
@@ -91,8 +109,8 @@ def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         if n == 0:
             continue
         idx = kv_indices[k0:k1]
-        kb = k_buffer.index_select(0, idx).transpose(0, 1)[None]  # [1, Hkv, L, D]
-        vb = v_buffer.index_select(0, idx).transpose(0, 1)[None]
+        kb = _gather(k_buffer, k_scale, idx, q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        vb = _gather(v_buffer, v_scale, idx, q.dtype).transpose(0, 1)[None]
         qb = q[q0:q1].transpose(0, 1)[None]  # [1, Hq, n, D]
         if n == kv_len:  # no cached prefix: the plain (top-left) causal mask is the right one
             o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=sm_scale,

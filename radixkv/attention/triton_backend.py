@@ -9,6 +9,12 @@
   stopping at the causal limit of the tile; the mapping from program to (request, tile) is a
   cumulative count of tiles per request computed on the device.
 
+Quantized KV (QUANT = 1: int8, 2: fp8 e4m3 read as uint8 codes): each K/V tile is widened to
+float32 codes in registers and its per-(slot, head) scales are folded in afterwards, the K scale
+into the scores and the V scale into the softmax weights, so nothing dequantized is ever stored.
+fp8 codes are decoded with integer ops (exponent rebias, subnormals as m * 2^-9), the same code
+compiled and interpreted, so the interpreter tests cover what runs on a GPU.
+
 Kernels are decorated at first use, keyed on whether the interpreter is on, so a process can
 import this module before or after setting TRITON_INTERPRET. Inputs are assumed validated
 (`radixkv.attention.validation`).
@@ -25,14 +31,16 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
-def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2,
+def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2, KScale, VScale,
                    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                   stride_kss, stride_ksh, stride_vss, stride_vsh,
                    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+                   IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr, QUANT: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     split = tl.program_id(2)
@@ -59,27 +67,48 @@ def _decode_stage1(Q, K, V, KvIndptr, KvIndices, MidO, MidLse, scale_log2,
         slots = tl.load(KvIndices + kv_start + offs_n, mask=nmask, other=0).to(tl.int64)
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(K + slots[:, None] * stride_ks + hk * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
+                    mask=kv_mask, other=0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST and QUANT == 0:
             k = k.to(tl.float32)
+        if QUANT == 1:
+            k = k.to(tl.float32).to(q.dtype)  # int8 codes: exact in every float dtype
+        elif QUANT == 2:  # fp8 e4m3 codes: rebias normals, m * 2^-9 for subnormals
+            kx = k.to(tl.int32)
+            kn = (((kx & 0x7F) + (120 << 3)) << 20).to(tl.float32, bitcast=True)
+            kf = tl.where((kx & 0x78) == 0, (kx & 7).to(tl.float32) * 0.001953125, kn)
+            k = tl.where((kx & 0x80) != 0, -kf, kf).to(q.dtype)
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2
+        if QUANT:  # q . (c k) = c (q . k): one multiply per score, not per element
+            ksc = tl.load(KScale + slots * stride_kss + hk * stride_ksh, mask=nmask, other=0.0)
+            s = s * ksc[None, :]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + slots[:, None] * stride_vs + hk * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        if UPCAST:
+                    mask=kv_mask, other=0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST and QUANT == 0:
             v = v.to(tl.float32)
+        pw = p
+        if QUANT == 1:
+            v = v.to(tl.float32).to(q.dtype)  # int8 codes: exact in every float dtype
+        elif QUANT == 2:  # fp8 e4m3 codes: rebias normals, m * 2^-9 for subnormals
+            vx = v.to(tl.int32)
+            vn = (((vx & 0x7F) + (120 << 3)) << 20).to(tl.float32, bitcast=True)
+            vf = tl.where((vx & 0x78) == 0, (vx & 7).to(tl.float32) * 0.001953125, vn)
+            v = tl.where((vx & 0x80) != 0, -vf, vf).to(q.dtype)
+        if QUANT:  # sum_t p_t (c_t v_t) = sum_t (p_t c_t) v_t
+            vsc = tl.load(VScale + slots * stride_vss + hk * stride_vsh, mask=nmask, other=0.0)
+            pw = p * vsc[None, :]
         if IEEE_DOT:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            pv = tl.dot(pw.to(v.dtype), v, input_precision="ieee")
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(pw.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     # An empty split stores lse = -inf and a zero partial, which the combine weighs by zero.
@@ -114,11 +143,12 @@ def _decode_stage2(MidO, MidLse, O, stride_mob, stride_moh, stride_mos, stride_m
 
 
 def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_log2, batch,
+                   KScale, VScale,
                    stride_qn, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-                   stride_on, stride_oh,
+                   stride_on, stride_oh, stride_kss, stride_ksh, stride_vss, stride_vsh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
-                   IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+                   IEEE_DOT: tl.constexpr, UPCAST: tl.constexpr, QUANT: tl.constexpr):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -152,14 +182,25 @@ def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_
             slots = tl.load(KvIndices + kv_start + offs_n, mask=nmask, other=0).to(tl.int64)
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(K + slots[:, None] * stride_ks + hk * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
+                        mask=kv_mask, other=0)
+            if UPCAST and QUANT == 0:
                 k = k.to(tl.float32)
+            if QUANT == 1:
+                k = k.to(tl.float32).to(q.dtype)  # int8 codes: exact in every float dtype
+            elif QUANT == 2:  # fp8 e4m3 codes: rebias normals, m * 2^-9 for subnormals
+                kx = k.to(tl.int32)
+                kn = (((kx & 0x7F) + (120 << 3)) << 20).to(tl.float32, bitcast=True)
+                kf = tl.where((kx & 0x78) == 0, (kx & 7).to(tl.float32) * 0.001953125, kn)
+                k = tl.where((kx & 0x80) != 0, -kf, kf).to(q.dtype)
             if IEEE_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             s = s * scale_log2
+            if QUANT:
+                ksc = tl.load(KScale + slots * stride_kss + hk * stride_ksh, mask=nmask,
+                              other=0.0)
+                s = s * ksc[None, :]
             visible = nmask[None, :] & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
             # Every query sees key 0 in the first tile, so m_new is finite from then on.
@@ -168,13 +209,25 @@ def _extend_kernel(Q, K, V, O, QoIndptr, KvIndptr, KvIndices, TileIndptr, scale_
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + slots[:, None] * stride_vs + hk * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
+                        mask=kv_mask, other=0)
+            if UPCAST and QUANT == 0:
                 v = v.to(tl.float32)
+            pw = p
+            if QUANT == 1:
+                v = v.to(tl.float32).to(q.dtype)  # int8 codes: exact in every float dtype
+            elif QUANT == 2:  # fp8 e4m3 codes: rebias normals, m * 2^-9 for subnormals
+                vx = v.to(tl.int32)
+                vn = (((vx & 0x7F) + (120 << 3)) << 20).to(tl.float32, bitcast=True)
+                vf = tl.where((vx & 0x78) == 0, (vx & 7).to(tl.float32) * 0.001953125, vn)
+                v = tl.where((vx & 0x80) != 0, -vf, vf).to(q.dtype)
+            if QUANT:
+                vsc = tl.load(VScale + slots * stride_vss + hk * stride_vsh, mask=nmask,
+                              other=0.0)
+                pw = p * vsc[None, :]
             if IEEE_DOT:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                pv = tl.dot(pw.to(v.dtype), v, input_precision="ieee")
             else:
-                pv = tl.dot(p.to(v.dtype), v)
+                pv = tl.dot(pw.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         o = acc / l_i[:, None]
@@ -218,6 +271,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _quant_args(k_buffer: torch.Tensor, v_buffer: torch.Tensor, k_scale: torch.Tensor | None,
+                v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, int]:
+    """(K, V as the kernels read them, K scales, V scales, QUANT code). fp8 buffers are viewed
+    as uint8 codes; without scales, K stands in for the unused scale pointers."""
+    if k_scale is None or v_scale is None:
+        return k_buffer, v_buffer, k_buffer, k_buffer, 0
+    if k_buffer.dtype == torch.int8:
+        return k_buffer, v_buffer, k_scale, v_scale, 1
+    assert _FP8 is not None and k_buffer.dtype == _FP8, k_buffer.dtype
+    return k_buffer.view(torch.uint8), v_buffer.view(torch.uint8), k_scale, v_scale, 2
+
+
 def _num_splits(batch: int, hkv: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: small, but enough to exercise the combine
@@ -228,12 +294,15 @@ def _num_splits(batch: int, hkv: int, device: torch.device) -> int:
 
 def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
            kv_indptr: torch.Tensor, kv_indices: torch.Tensor, sm_scale: float,
-           num_splits: int | None = None) -> torch.Tensor:
+           num_splits: int | None = None, *, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Split-KV paged decode: q [B, Hq, D], k_buffer / v_buffer [rows, Hkv, D] -> o [B, Hq, D].
 
     `num_splits` (default: chosen from B, Hkv and the GPU) is how many programs share one
-    request's slots. A request with no slots gets zeros.
+    request's slots. A request with no slots gets zeros. Quantized buffers come with
+    k_scale / v_scale [rows, Hkv] float32.
     """
+    k_buffer, v_buffer, ksc, vsc, quant = _quant_args(k_buffer, v_buffer, k_scale, v_scale)
     kern = _kernels()
     bsz, hq, d = q.shape
     hkv = k_buffer.shape[1]
@@ -250,11 +319,13 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     block_n = 64 if block_d <= 128 else 32
     kern.stage1[(bsz, hkv, splits)](
         q, k_buffer, v_buffer, kv_indptr, kv_indices, mid_o, mid_lse, sm_scale * _LOG2E,
+        ksc, vsc,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
+        ksc.stride(0), ksc.stride(1), vsc.stride(0), vsc.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, IEEE_DOT=_ieee_dot(q.dtype), UPCAST=_upcast(q.dtype),
+        NUM_SPLITS=splits, IEEE_DOT=_ieee_dot(q.dtype), UPCAST=_upcast(q.dtype), QUANT=quant,
     )
     kern.stage2[(bsz, hq)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -267,8 +338,11 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
 
 def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
            qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-           sm_scale: float) -> torch.Tensor:
-    """Tiled paged extend: q [N, Hq, D] -> o [N, Hq, D] (conventions of `attention.extend`)."""
+           sm_scale: float, *, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Tiled paged extend: q [N, Hq, D] -> o [N, Hq, D] (conventions of `attention.extend`;
+    quantized buffers come with k_scale / v_scale as in `decode`)."""
+    k_buffer, v_buffer, ksc, vsc, quant = _quant_args(k_buffer, v_buffer, k_scale, v_scale)
     kern = _kernels()
     n, hq, d = q.shape
     hkv = k_buffer.shape[1]
@@ -288,11 +362,12 @@ def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     grid = (triton.cdiv(n, block_m) + bsz, hq)
     kern.extend[grid](
         q, k_buffer, v_buffer, o, qo_indptr, kv_indptr, kv_indices, tile_indptr,
-        sm_scale * _LOG2E, bsz,
+        sm_scale * _LOG2E, bsz, ksc, vsc,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), o.stride(0), o.stride(1),
+        ksc.stride(0), ksc.stride(1), vsc.stride(0), vsc.stride(1),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_B=max(2, triton.next_power_of_2(bsz)), IEEE_DOT=_ieee_dot(q.dtype),
-        UPCAST=_upcast(q.dtype),
+        UPCAST=_upcast(q.dtype), QUANT=quant,
     )
     return o

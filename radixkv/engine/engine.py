@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from radixkv.attention import check_kv_cache_support
 from radixkv.engine.detokenizer import IncrementalDetokenizer
 from radixkv.engine.model_runner import ModelRunner
 from radixkv.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -24,6 +25,7 @@ from radixkv.engine.schedule_policy import POLICIES
 from radixkv.engine.scheduler import Batch, Scheduler
 from radixkv.errors import ConfigError, EngineError, InvalidRequestError
 from radixkv.memory import NaiveCache, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.memory.kv_quant import parse_kv_cache_dtype
 from radixkv.memory.tiers import DEFAULT_PAGE_TOKENS, KVTier, open_store, weights_fingerprint
 from radixkv.model import LoadedModel
 
@@ -49,6 +51,7 @@ class EngineConfig:
     kv_store: str | None = None  # "file:///dir" or "redis://host:port/db": a KV tier below
     kv_store_write_through: bool = False  # also store prompts' pages as soon as computed
     kv_tier_page_tokens: int = DEFAULT_PAGE_TOKENS
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "int8" or "fp8_e4m3"
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "max_running_requests", "page_size",
@@ -70,6 +73,7 @@ class EngineConfig:
                               f"multiple of page_size ({self.page_size})")
         if self.kv_store is not None and not self.enable_prefix_cache:
             raise ConfigError("a kv_store needs the prefix cache (enable_prefix_cache=True)")
+        parse_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # ConfigError naming choices
 
 
 class Engine:
@@ -81,8 +85,10 @@ class Engine:
         self.tokenizer = lm.tokenizer
         self.config = config
         self.max_context = cfg.max_position_embeddings
+        check_kv_cache_support(parse_kv_cache_dtype(config.kv_cache_dtype, lm.dtype), lm.device)
         self.kv_pool = TokenToKVPool(config.max_total_tokens, cfg.num_layers, cfg.num_kv_heads,
-                                     cfg.head_dim, dtype=lm.dtype, device=lm.device)
+                                     cfg.head_dim, dtype=lm.dtype, device=lm.device,
+                                     kv_cache_dtype=config.kv_cache_dtype)
         self.req_pool = ReqToTokenPool(config.max_running_requests, self.max_context,
                                        device=lm.device)
         cache_cls = RadixCache if config.enable_prefix_cache else NaiveCache

@@ -7,21 +7,39 @@ read K/V through slot indices, so shared prefixes are read in place.
 Slot 0 is reserved: padded or dummy tokens write there, and it is never handed out. Usable slots are
 1..num_slots. The allocator lives on the CPU (a numpy stack and a bitmap); slot tensors it returns
 are CPU int64 tensors, which the engine moves to the device once per forward.
+
+With `kv_cache_dtype="int8"` or `"fp8_e4m3"` the buffers hold quantized codes plus one float32
+scale per (slot, KV head) (`radixkv.memory.kv_quant`): `set_kv` quantizes as it writes, and the
+attention kernels read codes and scales (`get_kv_buffer`, `get_kv_scales`), dequantizing inside
+the kernel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from radixkv.errors import InvalidSlotError, OutOfSlotsError
-from radixkv.memory.kv_size import kv_bytes_per_token
+from radixkv.memory import kv_quant
+from radixkv.memory.kv_size import kv_bytes_per_token  # noqa: F401  (re-exported)
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
+
+# A faster quantize-and-store for set_kv: fn(src [n, H, D], slots [n], codes [rows, H, D],
+# scales [rows, H]) -> True when it handled the call. `radixkv.attention` registers its fused
+# CPU kernel here on import (memory cannot import attention, which sits above it).
+QuantStore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], bool]
+_quant_store_hook: QuantStore | None = None
+
+
+def set_quant_store_hook(fn: QuantStore | None) -> None:
+    """Install (or with None remove) the fast quantize-and-store used by quantized pools."""
+    global _quant_store_hook
+    _quant_store_hook = fn
 
 
 def as_slot_array(slots: SlotsLike) -> np.ndarray:
@@ -45,6 +63,12 @@ def as_slot_array(slots: SlotsLike) -> np.ndarray:
 class TokenToKVPool:
     """Per-layer K/V buffers `[num_slots + 1, num_kv_heads, head_dim]` and a free-slot allocator.
 
+    `dtype` is the model's (the dtype of the K/V given to `set_kv` and of the queries that read
+    them); `kv_cache_dtype` picks the storage: "auto" (= dtype), "int8" or "fp8_e4m3", the
+    latter two with float32 scales `[num_slots + 1, num_kv_heads]` per layer for K and for V
+    (`kv_dtype` is the storage dtype, `quantized` says which). An unknown name raises
+    `ConfigError` (see `kv_quant.parse_kv_cache_dtype`).
+
     Invariant: every slot in 1..num_slots is either free (on the free stack, state _FREE)
     or owned by exactly one holder (a radix tree node or a running request). `alloc` and `free`
     check this at the boundary, so a double free raises instead of corrupting the free list.
@@ -58,26 +82,40 @@ class TokenToKVPool:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        kv_cache_dtype: str | torch.dtype = "auto",
     ) -> None:
         for name, value in (("num_slots", num_slots), ("num_layers", num_layers),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        kv_dtype = kv_quant.parse_kv_cache_dtype(kv_cache_dtype, dtype)
         self.num_slots = num_slots
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.kv_dtype = kv_dtype
+        self.quantized = kv_quant.is_quantized(kv_dtype)
         self.device = torch.device(device)
         shape = (num_slots + 1, num_kv_heads, head_dim)
         # Uninitialised: a slot is only read after its K/V were written, and untouched pages of a
         # large pool then cost no memory. Slot 0 (padding) is zeroed so a masked read is finite.
-        self.k_buffers = [torch.empty(shape, dtype=dtype, device=self.device)
+        self.k_buffers = [torch.empty(shape, dtype=kv_dtype, device=self.device)
                           for _ in range(num_layers)]
-        self.v_buffers = [torch.empty(shape, dtype=dtype, device=self.device)
+        self.v_buffers = [torch.empty(shape, dtype=kv_dtype, device=self.device)
                           for _ in range(num_layers)]
         for buf in (*self.k_buffers, *self.v_buffers):
             buf[0].zero_()
+        self.k_scales: list[torch.Tensor] = []
+        self.v_scales: list[torch.Tensor] = []
+        if self.quantized:
+            sshape = (num_slots + 1, num_kv_heads)
+            self.k_scales = [torch.empty(sshape, dtype=kv_quant.SCALE_DTYPE, device=self.device)
+                             for _ in range(num_layers)]
+            self.v_scales = [torch.empty(sshape, dtype=kv_quant.SCALE_DTYPE, device=self.device)
+                             for _ in range(num_layers)]
+            for buf in (*self.k_scales, *self.v_scales):
+                buf[0].fill_(1.0)
         # Free stack: the top `_n_free` entries of `_stack` are the free slots. Allocation pops
         # from the top, so recently freed (cache-warm) slots are reused first.
         self._stack = np.empty(num_slots, dtype=np.int64)
@@ -205,24 +243,58 @@ class TokenToKVPool:
 
     # ---- KV storage --------------------------------------------------------------------------
     def get_kv_buffer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V buffers of one layer, each `[num_slots + 1, num_kv_heads, head_dim]`."""
+        """K and V buffers of one layer, each `[num_slots + 1, num_kv_heads, head_dim]` in
+        `kv_dtype` (quantized codes when `quantized`: read them with `get_kv_scales`)."""
         return self.k_buffers[layer], self.v_buffers[layer]
 
+    def get_kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """K and V scales of one layer, each `[num_slots + 1, num_kv_heads]` float32, or
+        (None, None) for an unquantized pool. Slot s, head h reads `code[s, h] * scale[s, h]`."""
+        if not self.quantized:
+            return None, None
+        return self.k_scales[layer], self.v_scales[layer]
+
     def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write K/V of `len(slots)` tokens: k, v `[n, num_kv_heads, head_dim]` at `slots` `[n]`."""
-        if k.dtype != self.dtype:
-            k, v = k.to(self.dtype), v.to(self.dtype)
-        self.k_buffers[layer][slots] = k
-        self.v_buffers[layer][slots] = v
+        """Write K/V of `len(slots)` tokens: k, v `[n, num_kv_heads, head_dim]` at `slots` `[n]`
+        (quantized with a fresh scale per token and head when the pool is quantized)."""
+        if not self.quantized:
+            if k.dtype != self.kv_dtype:
+                k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
+            self.k_buffers[layer][slots] = k
+            self.v_buffers[layer][slots] = v
+            return
+        for src, codes, scales in ((k, self.k_buffers[layer], self.k_scales[layer]),
+                                   (v, self.v_buffers[layer], self.v_scales[layer])):
+            hook = _quant_store_hook
+            if hook is None or not hook(src, slots, codes, scales):
+                q, s = kv_quant.quantize(src, self.kv_dtype)
+                codes[slots] = q
+                scales[slots] = s
+
+    def get_kv(self, layer: int, slots: SlotsLike,
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `slots`, each `[n, num_kv_heads, head_dim]` in `dtype` (default the
+        model dtype), dequantized if need be: a copy of those rows only, for tests, tools and
+        moving KV between tiers (attention reads the pool in place instead)."""
+        idx = torch.as_tensor(as_slot_array(slots), device=self.device)
+        dtype = dtype or self.dtype
+        k, v = self.k_buffers[layer][idx], self.v_buffers[layer][idx]
+        if not self.quantized:
+            return k.to(dtype), v.to(dtype)
+        return (kv_quant.dequantize(k, self.k_scales[layer][idx], dtype),
+                kv_quant.dequantize(v, self.v_scales[layer][idx], dtype))
 
     def slot_buffers(self) -> list[torch.Tensor]:
-        """Every buffer indexed by slot in dim 0 (all layers' K, then V): what a slot's KV is,
-        for copying it out to a KV tier and back."""
-        return [*self.k_buffers, *self.v_buffers]
+        """Every buffer indexed by slot in dim 0 (all layers' K, then V, then their scales when
+        quantized): what a slot's KV is, for copying it out to a KV tier and back in the stored
+        form."""
+        scales = [*self.k_scales, *self.v_scales] if self.quantized else []
+        return [*self.k_buffers, *self.v_buffers, *scales]
 
     def bytes_per_token(self) -> int:
-        """Bytes of K plus V for one token across all layers."""
-        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        """Bytes of K plus V for one token across all layers (scales included)."""
+        return kv_quant.pool_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim,
+                                           self.kv_dtype)
 
     def total_bytes(self) -> int:
         """Bytes held by all K/V buffers, the reserved slot 0 included."""
@@ -231,4 +303,5 @@ class TokenToKVPool:
     def __repr__(self) -> str:
         return (f"TokenToKVPool(num_slots={self.num_slots}, free={self._n_free}, "
                 f"layers={self.num_layers}, kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, dtype={self.dtype}, device={self.device})")
+                f"head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"kv_dtype={kv_quant.kv_cache_dtype_name(self.kv_dtype)}, device={self.device})")

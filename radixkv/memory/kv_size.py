@@ -8,15 +8,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+SCALE_BYTES = 4  # a quantized KV cache's float32 scale per (slot, KV head), for K and for V
+
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype | int, v_head_dim: int | None = None) -> int:
+                       dtype: torch.dtype | int, v_head_dim: int | None = None,
+                       scale_bytes: int = 0) -> int:
     """Bytes of K plus V that one token leaves in the cache, across every layer and KV head.
 
     `dtype` is the cache's torch dtype or its bytes per element (for formats torch has no dtype
     for, e.g. a sizing tool's int8 or fp8 cache). `v_head_dim` is V's head size when it differs
     from K's (None: the same). 2 x layers x KV heads x head_dim x bytes when they are equal.
+    `scale_bytes` is what a quantized cache adds per (token, layer, KV head) for K and again for
+    V (radixkv's int8 / fp8 KV: one float32 scale each).
     """
     elem = dtype if isinstance(dtype, int) else dtype.itemsize
     v_dim = head_dim if v_head_dim is None else v_head_dim
-    return num_layers * num_kv_heads * (head_dim + v_dim) * elem
+    return num_layers * num_kv_heads * ((head_dim + v_dim) * elem + 2 * scale_bytes)

@@ -59,12 +59,15 @@ class LlamaAttention(nn.Module):
         # Written first: extend reads the new tokens' K/V back from the pool with the prefix.
         pool.set_kv(self.layer_id, ctx.out_slots, k, v)
         k_buf, v_buf = pool.get_kv_buffer(self.layer_id)  # [num_slots + 1, Hkv, D]
-        q = q.to(k_buf.dtype).contiguous()
+        # Quantized pools: int8 / fp8 codes plus scales [num_slots + 1, Hkv], else (None, None).
+        k_sc, v_sc = pool.get_kv_scales(self.layer_id)
+        q = q.to(pool.dtype).contiguous()
         if ctx.is_decode:
-            o = attention.decode(q, k_buf, v_buf, ctx.kv_indptr, ctx.kv_indices, self.scale)
+            o = attention.decode(q, k_buf, v_buf, ctx.kv_indptr, ctx.kv_indices, self.scale,
+                                 k_scale=k_sc, v_scale=v_sc)
         else:
             o = attention.extend(q, k_buf, v_buf, ctx.qo_indptr, ctx.kv_indptr, ctx.kv_indices,
-                                 self.scale)
+                                 self.scale, k_scale=k_sc, v_scale=v_sc)
         return self.o_proj(o.reshape(n, -1).to(x.dtype))  # [N, H]
 
 

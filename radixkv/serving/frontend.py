@@ -18,7 +18,7 @@ import torch
 from radixkv.engine import Engine, EngineConfig, SamplingParams
 from radixkv.engine.engine_loop import EngineLoop
 from radixkv.errors import InvalidRequestError
-from radixkv.memory.kv_size import kv_bytes_per_token
+from radixkv.memory.kv_quant import parse_kv_cache_dtype, pool_bytes_per_token
 
 if TYPE_CHECKING:
     from radixkv.model import LoadedModel
@@ -50,7 +50,8 @@ class Frontend:
                  max_running_requests: int = 64, page_size: int = 1,
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",
                  chunked_prefill_size: int = 512, seed: int = 0,
-                 kv_store: str | None = None, kv_store_write_through: bool = False) -> None:
+                 kv_store: str | None = None, kv_store_write_through: bool = False,
+                 kv_cache_dtype: str = "auto") -> None:
         from radixkv.model import LoadedModel, load_model
 
         # Validate the options before the (slow) model load; the pool size is checked again
@@ -59,29 +60,34 @@ class Frontend:
                      max_running_requests=max_running_requests, page_size=page_size,
                      enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,
                      chunked_prefill_size=chunked_prefill_size, seed=seed, kv_store=kv_store,
-                     kv_store_write_through=kv_store_write_through)
+                     kv_store_write_through=kv_store_write_through, kv_cache_dtype=kv_cache_dtype)
         # An already loaded model may be shared, e.g. by a cache-on and a cache-off LLM in an
         # A/B run; each front end still has its own pools, tree and loop.
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype,
                                                                           device=device)
         self.tokenizer = self.lm.tokenizer
         if max_total_tokens is None:
-            max_total_tokens = self._auto_pool_size()
+            max_total_tokens = self._auto_pool_size(kv_cache_dtype)
         self.engine = Engine(self.lm, EngineConfig(
             max_total_tokens=max_total_tokens, max_running_requests=max_running_requests,
             page_size=page_size, enable_prefix_cache=enable_prefix_cache,
             schedule_policy=schedule_policy, chunked_prefill_size=chunked_prefill_size,
-            seed=seed, kv_store=kv_store, kv_store_write_through=kv_store_write_through))
+            seed=seed, kv_store=kv_store, kv_store_write_through=kv_store_write_through,
+            kv_cache_dtype=kv_cache_dtype))
         self.loop = EngineLoop(self.engine)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-{id(self):x}"
 
-    def _auto_pool_size(self) -> int:
+    def _auto_pool_size(self, kv_cache_dtype: str) -> int:
         cfg = self.lm.config
-        per_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                       self.lm.dtype)
+        per_token = pool_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                       parse_kv_cache_dtype(kv_cache_dtype, self.lm.dtype))
         budget = int(free_memory_bytes(self.lm.device) * AUTO_MEMORY_FRACTION)
-        return max(1, min(budget // per_token, MAX_AUTO_TOKENS))
+        # The cap bounds memory (MAX_AUTO_TOKENS tokens at the model dtype), so a quantized pool
+        # holds proportionally more tokens under it too.
+        cap = MAX_AUTO_TOKENS * pool_bytes_per_token(cfg.num_layers, cfg.num_kv_heads,
+                                                   cfg.head_dim, self.lm.dtype) // per_token
+        return max(1, min(budget // per_token, cap))
 
     # ---- facts callers may read -------------------------------------------------------------
     @property

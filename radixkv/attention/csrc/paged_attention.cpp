@@ -13,6 +13,14 @@
 // Softmax runs in base 2: q is pre-scaled by sm_scale * log2(e), so exp2 replaces exp. All
 // accumulation is float32 whatever the storage dtype (float32, bfloat16 or float16).
 //
+// Quantized KV (int8, fp8 e4m3; radixkv/memory/kv_quant.py): K/V hold integers / fp8 codes and
+// k_scale / v_scale [rows, Hkv] float32 hold one scale per (slot, KV head); q and o are then
+// float32. Decode never widens a whole row times its scale: a K row's scale multiplies its
+// 8 finished scores (q . (s k) = s (q . k)), a V row's scale multiplies its softmax weight, so
+// the inner loops are one widening load (vpmovsxbd + vcvtdq2ps for int8) and one FMA per 8
+// elements. Extend dequantizes each gathered K/V block into its float32 tile (compute bound).
+// `rkv_quant_store` quantizes new K/V rows into their slots (the pool's set_kv).
+//
 // Return codes (0 = ok) are decoded into typed Python errors by cpu_kernels.py.
 
 #include <atomic>
@@ -20,10 +28,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -34,10 +46,16 @@ typedef int32_t vi __attribute__((vector_size(32)));
 typedef uint32_t vu __attribute__((vector_size(32)));
 typedef uint16_t vu16 __attribute__((vector_size(16)));
 typedef _Float16 vh __attribute__((vector_size(16)));
+typedef int8_t vi8 __attribute__((vector_size(8)));
+typedef uint8_t vu8 __attribute__((vector_size(8)));
 
 struct bf16 { uint16_t bits; };
+struct f8e4m3 { uint8_t bits; };  // float8_e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits
 
-enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2, I8 = 3, F8E4M3 = 4 };
+
+template <typename KT>
+constexpr bool is_quant() { return std::is_same<KT, int8_t>::value || std::is_same<KT, f8e4m3>::value; }
 
 enum Status : int64_t {
   OK = 0,
@@ -98,6 +116,36 @@ inline vf load(const _Float16* p) {
   vh h; std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, vf);
 }
+// 8 bytes widened to 8 int32 lanes. GCC lowers __builtin_convertvector on 8-byte vectors to
+// scalar byte moves and inserts (checked with objdump at -O3 -march=native), so AVX2 gets the
+// one-instruction vpmovsxbd / vpmovzxbd with a memory operand explicitly.
+inline vi widen_s8(const int8_t* p) {
+#ifdef __AVX2__
+  return (vi)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p));
+#else
+  vi8 b; std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, vi);
+#endif
+}
+inline vu widen_u8(const uint8_t* p) {
+#ifdef __AVX2__
+  return (vu)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+#else
+  vu8 b; std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, vu);
+#endif
+}
+// int8 -> float32: one sign-extending widen and one convert (vpmovsxbd + vcvtdq2ps on AVX2).
+inline vf load(const int8_t* p) { return __builtin_convertvector(widen_s8(p), vf); }
+// fp8 e4m3 -> float32 without a table: exponent and mantissa shifted into a float's fields
+// (bits << 20) read as a float equal to value * 2^-120, for normal and subnormal codes alike, so
+// one multiply by 2^120 (exact) finishes it; then the sign bit. Code 0x7f (NaN) would read as
+// 480: the quantizer never writes it.
+inline vf load(const f8e4m3* p) {
+  const vu x = widen_u8((const uint8_t*)p);
+  const vf mag = (vf)((x & 0x7fu) << 20) * splat(0x1p120f);
+  return (vf)((vu)mag | ((x & 0x80u) << 24));
+}
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline void store(bf16* p, vf v) {
   vu u = (vu)v;
@@ -126,8 +174,10 @@ struct Args {
   int64_t n_req_list;        // ... how many (< 0: all requests; req_list is then unused)
   double sm_scale;
   int64_t nthreads;
-};  // every field is 8 bytes: cpu_kernels.py packs it with struct.pack("<24qdq")
-static_assert(sizeof(Args) == 26 * 8, "Args must stay 26 packed 8-byte fields");
+  const float* k_scale; int64_t ksc_ss, ksc_sh;  // quantized KV only: [rows, Hkv] scales
+  const float* v_scale; int64_t vsc_ss, vsc_sh;
+};  // every field is 8 bytes: cpu_kernels.py packs it with struct.pack("<24qdq6q")
+static_assert(sizeof(Args) == 32 * 8, "Args must stay 32 packed 8-byte fields");
 
 int64_t check_csr(const Args& a) {
   const int64_t* ip = a.kv_indptr;
@@ -183,13 +233,14 @@ inline vf score8(const float* qp, const T* const* kp, int dv_rt) {
   return reduce8(acc);
 }
 
-template <typename T, int DV>
+template <typename KT, int DV>
 void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_t end,
                   Partial out, float* s /* [Hq, DEC_BLK] */) {
   const int dv = DV ? DV : dv_rt;
   const int64_t hq = a.hq, hkv = a.hkv, g = hq / hkv, d = a.d;
-  const T* kb = (const T*)a.k;
-  const T* vb = (const T*)a.v;
+  const KT* kb = (const KT*)a.k;
+  const KT* vb = (const KT*)a.v;
+  constexpr bool Q = is_quant<KT>();
   for (int64_t h = 0; h < hq; ++h) {
     out.m[h] = -__builtin_inff();
     out.l[h] = 0.f;
@@ -203,14 +254,18 @@ void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_
     // tail group repeats the last token and its scores are masked to -inf below.
     for (int t = 0; t < n8; t += 8) {
       for (int64_t hk = 0; hk < hkv; ++hk) {
-        const T* kp[8];
+        const KT* kp[8];
+        vf ksc = splat(1.f);  // the 8 tokens' K scales (quantized KV)
         for (int u = 0; u < 8; ++u) {
           const int tu = t + u < n ? t + u : n - 1;
           kp[u] = kb + idx[tu] * a.k_ss + hk * a.k_sh;
+          if (Q) ksc[u] = a.k_scale[idx[tu] * a.ksc_ss + hk * a.ksc_sh];
         }
         for (int64_t gi = 0; gi < g; ++gi) {
           const int64_t h = hk * g + gi;
-          store(s + h * DEC_BLK + t, score8<T, DV>(qs + h * d, kp, dv_rt));
+          vf sc = score8<KT, DV>(qs + h * d, kp, dv_rt);
+          if (Q) sc *= ksc;
+          store(s + h * DEC_BLK + t, sc);
         }
       }
     }
@@ -236,8 +291,15 @@ void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_
         for (int j = 0; j < dv; ++j) store(ah + j * W, load(ah + j * W) * splat(alpha));
       }
     }
-    // acc_h += sum_t p[h, t] * v_t, one head at a time so acc_h stays in registers.
+    // acc_h += sum_t p[h, t] * v_t, one head at a time so acc_h stays in registers. With
+    // quantized KV, p[h, t] times v_t's scale weighs the raw codes (l keeps the plain sum).
     for (int64_t hk = 0; hk < hkv; ++hk) {
+      if (Q) {
+        for (int64_t gi = 0; gi < g; ++gi) {
+          float* ph = s + (hk * g + gi) * DEC_BLK;
+          for (int t = 0; t < n; ++t) ph[t] *= a.v_scale[idx[t] * a.vsc_ss + hk * a.vsc_sh];
+        }
+      }
       for (int64_t gi = 0; gi < g; ++gi) {
         const int64_t h = hk * g + gi;
         float* ah = out.acc + h * d;
@@ -246,14 +308,14 @@ void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_
           vf acc[DV ? DV : 1];
           for (int j = 0; j < DV; ++j) acc[j] = load(ah + j * W);
           for (int t = 0; t < n; ++t) {
-            const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+            const KT* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
             const vf p = splat(ph[t]);
             for (int j = 0; j < DV; ++j) acc[j] += p * load(vp + j * W);
           }
           for (int j = 0; j < DV; ++j) store(ah + j * W, acc[j]);
         } else {
           for (int t = 0; t < n; ++t) {
-            const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+            const KT* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
             const vf p = splat(ph[t]);
             for (int j = 0; j < dv; ++j) store(ah + j * W, load(ah + j * W) + p * load(vp + j * W));
           }
@@ -281,7 +343,7 @@ void store_o(const Args& a, int64_t row, const float* m_unused, const float* l, 
   }
 }
 
-template <typename T, int DV>
+template <typename T, typename KT, int DV>
 int64_t decode_impl(const Args& a) {
   const int64_t B = a.batch, hq = a.hq, d = a.d;
   const int nt = nthreads_of(a);
@@ -332,7 +394,7 @@ int64_t decode_impl(const Args& a) {
       if (q_row != b) { load_q<T>(a, b, scale, qs.data()); q_row = b; }
       float* p = part.data() + task * pstride;
       Partial out{p, p + hq, p + 2 * hq};
-      decode_chunk<T, DV>(a, (int)(d / W), qs.data(), beg, end, out, s.data());
+      decode_chunk<KT, DV>(a, (int)(d / W), qs.data(), beg, end, out, s.data());
       // acq_rel: the last finisher sees every other chunk's partials.
       if (left[b].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
       const int64_t t0 = task_start[b], t1 = task_start[b + 1];
@@ -414,7 +476,7 @@ inline void pv_rows(float* const* o, const float* const* p, const float* vt, int
     for (int u = 0; u < 4; ++u) store(o[r] + c + u * W, acc[r][u]);
 }
 
-template <typename T, int DV>
+template <typename T, typename KT, int DV>
 void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, int64_t hk,
                  float* qs, float* sc, float* kf, float* vt, float* acc, float* m, float* l) {
   const int64_t g = a.hq / a.hkv, d = a.d;
@@ -424,9 +486,10 @@ void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, 
   const int64_t nq = qt1 - qt0, R = nq * g;  // rows: r = qi * g + gi
   const int64_t R2 = (R + 1) & ~(int64_t)1;  // scores are computed for row pairs
   const float scale = (float)(a.sm_scale * 1.4426950408889634);
-  const T* kb = (const T*)a.k;
-  const T* vb = (const T*)a.v;
+  const KT* kb = (const KT*)a.k;
+  const KT* vb = (const KT*)a.v;
   const T* qb = (const T*)a.q;
+  constexpr bool Q = is_quant<KT>();
   for (int64_t qi = 0; qi < nq; ++qi)
     for (int64_t gi = 0; gi < g; ++gi) {
       const T* src = qb + (q_beg + qt0 + qi) * a.q_sn + (hk * g + gi) * a.q_sh;
@@ -442,10 +505,20 @@ void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, 
     const int n = (int)(kv_end - j0 < EXT_BN ? kv_end - j0 : EXT_BN);
     const int n4 = (n + 3) & ~3;
     const int64_t* idx = a.kv_indices + kv0 + j0;
-    // Gather this block's K and V rows of head hk from the pool, widened to float32.
+    // Gather this block's K and V rows of head hk from the pool, widened to float32 (and
+    // dequantized: the tile is reused by every row of the tile, so scaling it once is cheapest).
     for (int t = 0; t < n; ++t) {
-      const T* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
-      const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+      const KT* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
+      const KT* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+      if (Q) {
+        const vf ks = splat(a.k_scale[idx[t] * a.ksc_ss + hk * a.ksc_sh]);
+        const vf vs = splat(a.v_scale[idx[t] * a.vsc_ss + hk * a.vsc_sh]);
+        for (int64_t j = 0; j < d; j += W) {
+          store(kf + t * d + j, load(kp + j) * ks);
+          store(vt + t * d + j, load(vp + j) * vs);
+        }
+        continue;
+      }
       for (int64_t j = 0; j < d; j += W) {
         store(kf + t * d + j, load(kp + j));
         store(vt + t * d + j, load(vp + j));
@@ -525,7 +598,7 @@ void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, 
     }
 }
 
-template <typename T, int DV>
+template <typename T, typename KT, int DV>
 int64_t extend_impl(const Args& a) {
   const int64_t g = a.hq / a.hkv, d = a.d;
   // Requests to compute: all, or the caller's subset (the rest go to another path).
@@ -562,28 +635,124 @@ int64_t extend_impl(const Args& a) {
       const int64_t n_new = a.qo_indptr[b + 1] - a.qo_indptr[b];
       const int64_t qt0 = (tile - tile_start[lo]) * EXT_BM;
       const int64_t qt1 = qt0 + EXT_BM < n_new ? qt0 + EXT_BM : n_new;
-      extend_tile<T, DV>(a, (int)(d / W), b, qt0, qt1, hk, qs.data(), sc.data(), kf.data(),
+      extend_tile<T, KT, DV>(a, (int)(d / W), b, qt0, qt1, hk, qs.data(), sc.data(), kf.data(),
                          vt.data(), acc.data(), m.data(), l.data());
     }
   }
   return OK;
 }
 
-template <typename T, int64_t (*F8)(const Args&), int64_t (*F16)(const Args&),
-          int64_t (*F0)(const Args&)>
+template <int64_t (*F8)(const Args&), int64_t (*F16)(const Args&), int64_t (*F0)(const Args&)>
 int64_t by_dim(const Args& a) {
   if (a.d == 8 * W) return F8(a);
   if (a.d == 16 * W) return F16(a);
   return F0(a);
 }
 
-template <typename T>
+template <typename T, typename KT = T>
 int64_t decode_t(const Args& a) {
-  return by_dim<T, decode_impl<T, 8>, decode_impl<T, 16>, decode_impl<T, 0>>(a);
+  return by_dim<decode_impl<T, KT, 8>, decode_impl<T, KT, 16>, decode_impl<T, KT, 0>>(a);
 }
-template <typename T>
+template <typename T, typename KT = T>
 int64_t extend_t(const Args& a) {
-  return by_dim<T, extend_impl<T, 8>, extend_impl<T, 16>, extend_impl<T, 0>>(a);
+  return by_dim<extend_impl<T, KT, 8>, extend_impl<T, KT, 16>, extend_impl<T, KT, 0>>(a);
+}
+
+// Dtype codes: q / o dtype in the low 4 bits, KV storage dtype in the next 4 (0: same as q).
+// Quantized KV runs with float32 q / o only (cpu_kernels.py widens half q once per call).
+template <int64_t (*F32F)(const Args&), int64_t (*BF16F)(const Args&),
+          int64_t (*F16F)(const Args&), int64_t (*I8F)(const Args&), int64_t (*F8F)(const Args&)>
+int64_t by_dtype(int64_t code, const Args& a) {
+  const int64_t qd = code & 15, kd = code >> 4;
+  if (kd == 0 || kd == qd) {
+    switch (qd) {
+      case F32: return F32F(a);
+      case BF16: return BF16F(a);
+      case F16: return F16F(a);
+      default: return BAD_DTYPE;
+    }
+  }
+  if (qd != F32 || a.k_scale == nullptr || a.v_scale == nullptr) return BAD_DTYPE;
+  if (kd == I8) return I8F(a);
+  if (kd == F8E4M3) return F8F(a);
+  return BAD_DTYPE;
+}
+
+// ---- quantize-and-store (set_kv of a quantized pool) ----------------------------------------
+struct QArgs {
+  int64_t n, h, d, rows;
+  const float* src; int64_t src_sn, src_sh;  // [n, H, D], last dim contiguous
+  void* dst; int64_t dst_ss, dst_sh;         // [rows, H, D] int8 / fp8 codes
+  float* scale; int64_t sc_ss, sc_sh;        // [rows, H]
+  const int64_t* slots;                      // [n]
+  int64_t dtype;                             // I8 or F8E4M3
+  int64_t nthreads;
+};  // packed by cpu_kernels.py with struct.pack("<16q")
+static_assert(sizeof(QArgs) == 16 * 8, "QArgs must stay 16 packed 8-byte fields");
+
+inline vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+// Round half to even for |x| < 2^22: adding 1.5 * 2^23 rounds in the default FP mode.
+inline vf vround(vf x) {
+  const vf magic = splat(12582912.0f);
+  return (x + magic) - magic;
+}
+
+// The low byte of each of 8 lanes to p[0..8) (the lanes hold -127..127 or codes 0..255).
+inline void narrow_store(uint8_t* p, vu x) {
+#ifdef __AVX2__
+  const __m256i m = (__m256i)(x & 0xffu);
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  _mm_storel_epi64((__m128i*)p, _mm_packus_epi16(w, w));
+#else
+  const vu8 c = __builtin_convertvector(x, vu8);
+  std::memcpy(p, &c, sizeof c);
+#endif
+}
+
+// One row x [D] -> codes + scale, the formulas of kv_quant.quantize (bit-identical to torch:
+// the same float32 division, round-half-even and RNE fp8 rounding).
+template <typename KT>
+void quant_row(const float* x, int64_t d, KT* q, float* scale) {
+  constexpr bool I8 = std::is_same<KT, int8_t>::value;
+  const float qmax = I8 ? 127.f : 448.f;
+  vf am = splat(0.f);
+  for (int64_t j = 0; j < d; j += W) am = vmax(am, vabs(load(x + j)));
+  float s = hmax(am) / qmax;
+  if (!(s > 0.f)) s = 1.f;
+  *scale = s;
+  const vf sv = splat(s), hi = splat(qmax), lo = splat(-qmax);
+  for (int64_t j = 0; j < d; j += W) {
+    vf y = vmin(vmax(load(x + j) / sv, lo), hi);
+    if (I8) {
+      narrow_store((uint8_t*)(q + j), (vu)__builtin_convertvector(vround(y), vi));
+    } else {
+      const vf ay = vabs(y);
+      const vu bits = (vu)ay;
+      // Normal codes: keep 3 mantissa bits with round-to-nearest-even, rebias 127 -> 7.
+      const vu rn = ((bits + 0x7ffffu + ((bits >> 20) & 1u)) >> 20) - (120u << 3);
+      // Subnormal codes (|y| < 2^-6): multiples of 2^-9, rounded half to even.
+      const vu sub = (vu)__builtin_convertvector(vround(ay * splat(512.f)), vi);
+      const vu code = (vu)(ay < splat(0x1p-6f) ? sub : rn) | (((vu)y >> 24) & 0x80u);
+      narrow_store((uint8_t*)(q + j), code);
+    }
+  }
+}
+
+template <typename KT>
+int64_t quant_store(const QArgs& a) {
+  for (int64_t i = 0; i < a.n; ++i)
+    if ((uint64_t)a.slots[i] >= (uint64_t)a.rows) return BAD_SLOT;
+  const int64_t total = a.n * a.h;
+  const int nt = a.nthreads > 0 ? (int)a.nthreads : 1;
+#pragma omp parallel for num_threads(nt) if (nt > 1 && total * a.d >= PAR_MIN_WORK)
+  for (int64_t r = 0; r < total; ++r) {
+    const int64_t i = r / a.h, hh = r % a.h, slot = a.slots[i];
+    quant_row<KT>(a.src + i * a.src_sn + hh * a.src_sh, a.d,
+                  (KT*)a.dst + slot * a.dst_ss + hh * a.dst_sh,
+                  a.scale + slot * a.sc_ss + hh * a.sc_sh);
+  }
+  return OK;
 }
 
 }  // namespace
@@ -596,12 +765,8 @@ int64_t rkv_vector_width() { return W; }
 int64_t rkv_decode(int64_t dtype, const Args* a) {
   const int64_t st = check_csr(*a);
   if (st != OK) return st;
-  switch (dtype) {
-    case F32: return decode_t<float>(*a);
-    case BF16: return decode_t<bf16>(*a);
-    case F16: return decode_t<_Float16>(*a);
-    default: return BAD_DTYPE;
-  }
+  return by_dtype<decode_t<float>, decode_t<bf16>, decode_t<_Float16>,
+                  decode_t<float, int8_t>, decode_t<float, f8e4m3>>(dtype, *a);
 }
 
 int64_t rkv_extend(int64_t dtype, const Args* a) {
@@ -615,12 +780,17 @@ int64_t rkv_extend(int64_t dtype, const Args* a) {
   }
   for (int64_t i = 0; i < a->n_req_list; ++i)
     if (a->req_list[i] < 0 || a->req_list[i] >= a->batch) return BAD_REQ_LIST;
-  switch (dtype) {
-    case F32: return extend_t<float>(*a);
-    case BF16: return extend_t<bf16>(*a);
-    case F16: return extend_t<_Float16>(*a);
-    default: return BAD_DTYPE;
-  }
+  return by_dtype<extend_t<float>, extend_t<bf16>, extend_t<_Float16>,
+                  extend_t<float, int8_t>, extend_t<float, f8e4m3>>(dtype, *a);
+}
+
+// Quantizes rows src [n, H, D] (float32) into the slots' codes and scales; BAD_SLOT (nothing
+// written) when a slot is outside [0, rows).
+int64_t rkv_quant_store(const QArgs* a) {
+  if (a->d % W) return BAD_DTYPE;
+  if (a->dtype == I8) return quant_store<int8_t>(*a);
+  if (a->dtype == F8E4M3) return quant_store<f8e4m3>(*a);
+  return BAD_DTYPE;
 }
 
 }  // extern "C"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from radixkv.errors import ConfigError
+from radixkv.memory.kv_size import SCALE_BYTES
 from radixkv.memory.kv_size import kv_bytes_per_token as _kv_bytes
 from radixkv.tools.calc.model_files import load_model_spec
 from radixkv.tools.calc.spec import ModelSpec
@@ -56,11 +57,18 @@ def kv_heads_per_gpu(num_kv_heads: int, tp: int) -> int:
     return 1
 
 
+def kv_scale_bytes(dtype: str) -> int:
+    """Scale bytes per (token, layer, KV head) for K and for V: radixkv's int8 / fp8 KV keeps one
+    float32 scale each (`radixkv.memory.kv_quant`); float dtypes need none."""
+    return SCALE_BYTES if kv_dtype_bytes(dtype)[0] in ("int8", "fp8") else 0
+
+
 def kv_bytes_per_token(spec: ModelSpec, dtype: str = "fp16") -> int:
-    """KV bytes of one token across every layer and KV head (one copy of each head), by the
-    memory level's own formula (`radixkv.memory.kv_size.kv_bytes_per_token`)."""
+    """KV bytes of one token across every layer and KV head (one copy of each head), scales of
+    quantized dtypes included, by the memory level's own formula
+    (`radixkv.memory.kv_size.kv_bytes_per_token`): what `TokenToKVPool` allocates."""
     return _kv_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, kv_dtype_bytes(dtype)[1],
-                     v_head_dim=spec.v_head_dim)
+                     v_head_dim=spec.v_head_dim, scale_bytes=kv_scale_bytes(dtype))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from radixkv.tools.calc.capacity import KVBudget, kv_bytes_per_token, kv_dtype_bytes
+from radixkv.tools.calc.capacity import (
+    KVBudget,
+    kv_bytes_per_token,
+    kv_dtype_bytes,
+    kv_scale_bytes,
+)
 from radixkv.tools.calc.presets import PRESETS
 
 
@@ -37,6 +42,8 @@ def format_budget(b: KVBudget) -> str:
             + (f"; page size {b.page_size}" if b.page_size > 1 else ""), ""]
     elems = (f"{factor}{m.num_layers} x {m.num_kv_heads} x "
              f"{m.head_dim if v_dim == m.head_dim else m.head_dim + v_dim} x {b.kv_dtype_bytes} B")
+    if kv_scale_bytes(b.kv_dtype):
+        elems += f" + 2 x {m.num_layers} x {m.num_kv_heads} x {kv_scale_bytes(b.kv_dtype)} B scales"
     rows = [("KV bytes per token", f"{format_bytes(b.bytes_per_token)} "
                                    f"({b.bytes_per_token:,} B = {elems})")]
     if b.tp > 1:
