@@ -190,11 +190,11 @@ def speed(iters: int, batch: int, context: int) -> None:
     for name in names:
         pool = TokenToKVPool(n_tok, layers, hkv, d, kv_cache_dtype=name)
         slots = pool.alloc(n_tok)[torch.randperm(n_tok)]
-        for layer in range(layers):  # fill by chunks: set_kv quantizes
+        kr, vr = torch.randn(4096, hkv, d), torch.randn(4096, hkv, d)
+        for layer in range(layers):  # fill by chunks (set_kv quantizes), one random chunk reused
             for c in range(0, n_tok, 4096):
                 s = slots[c:c + 4096]
-                pool.set_kv(layer, s, torch.randn(s.numel(), hkv, d),
-                            torch.randn(s.numel(), hkv, d))
+                pool.set_kv(layer, s, kr[:s.numel()], vr[:s.numel()])
         indptr = torch.arange(batch + 1, dtype=torch.int64) * context
         q = torch.randn(batch, hq, d)
 
