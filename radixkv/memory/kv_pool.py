@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from radixkv.errors import InvalidSlotError, OutOfSlotsError
+from radixkv.memory import native
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
@@ -87,6 +88,18 @@ class TokenToKVPool:
         self._stamp = np.zeros(num_slots + 1, dtype=np.int64)  # scratch for repeat detection
         self._iota = np.arange(num_slots + 1, dtype=np.int64)
         self._group: list[np.ndarray] | None = None
+        # The compiled allocator path (radixkv.memory.native), chosen once per pool; None runs
+        # the numpy reference. It works on fixed buffers whose addresses are taken here once:
+        # `_scratch` stages a batch of slots, `_stamp` then holds the generation of the last
+        # call that saw each slot (repeat detection without clearing).
+        self._lib = native.lib()
+        self._gen = 0
+        if self._lib is not None:
+            self._scratch = np.empty(num_slots, dtype=np.int64)
+            self._scratch_p = self._scratch.ctypes.data
+            self._state_p = self._state.ctypes.data
+            self._stack_p = self._stack.ctypes.data
+            self._stamp_p = self._stamp.ctypes.data
         self.clear()
 
     # ---- allocator -------------------------------------------------------------------------
@@ -111,6 +124,11 @@ class TokenToKVPool:
         if n > self._n_free:
             raise OutOfSlotsError(f"asked for {n} KV slots but only {self._n_free} of "
                                   f"{self.num_slots} are free")
+        lib = self._lib
+        if lib is not None:
+            self._n_free = lib.rkv_alloc(self._scratch_p, n, self._state_p, self._stack_p,
+                                         self._n_free, _USED)
+            return torch.from_numpy(self._scratch[:n].copy())
         top = self._n_free
         out = self._stack[top - n:top][::-1].copy()
         self._n_free = top - n
@@ -123,11 +141,49 @@ class TokenToKVPool:
         Raises `InvalidSlotError` for slot 0, an out-of-range slot, a slot that is already free,
         or a slot listed twice; in every such case nothing is freed.
         """
+        lib = self._lib
+        if lib is not None:
+            n, ptr = self._stage(slots)
+            if n == 0:
+                return
+            if ptr:
+                self._gen += 1
+                group = self._group
+                got = lib.rkv_free(ptr, n, self._state_p, self.num_slots, self._stamp_p,
+                                   self._gen, _USED, self._stack_p, self._n_free, group is None)
+                if got >= 0:
+                    if group is None:
+                        self._n_free = got
+                    else:  # pushed when the group exits
+                        group.append(self._scratch[:n].copy() if ptr == self._scratch_p
+                                     else as_slot_array(slots).copy())
+                    return
+            self._raise_bad(as_slot_array(slots), distinct=True)
         arr = as_slot_array(slots)
         if arr.size == 0:
             return
         self._check_used(arr, distinct=True)
         self._release(arr)
+
+    def _stage(self, slots: SlotsLike) -> tuple[int, int]:
+        """(length, address of the slots as contiguous int64) for the compiled path.
+
+        A contiguous CPU int64 tensor is read in place; anything else is copied into
+        `_scratch`. The address is 0 when the slots cannot be valid (more than num_slots, or not
+        integers), so the caller goes straight to the error path.
+        """
+        if (type(slots) is torch.Tensor and slots.dtype == torch.int64
+                and slots.device.type == "cpu" and slots.dim() == 1 and slots.is_contiguous()):
+            return slots.numel(), slots.data_ptr()
+        try:
+            arr = as_slot_array(slots)
+        except InvalidSlotError:
+            return 1, 0
+        n = arr.size
+        if n > self.num_slots:
+            return n, 0
+        self._scratch[:n] = arr
+        return n, self._scratch_p
 
     def _check_used(self, arr: np.ndarray, distinct: bool = False) -> None:
         """Raise `InvalidSlotError` unless every slot in `arr` is allocated to a caller (not free,
@@ -138,29 +194,74 @@ class TokenToKVPool:
         found in O(n) by stamping each slot with its position and reading the stamps back.
         """
         n = arr.size
+        lib = self._lib
+        if lib is not None:
+            if n == 0:
+                return
+            if n <= self.num_slots:
+                self._scratch[:n] = arr
+                self._gen += 1
+                if not lib.rkv_check_set(self._scratch_p, n, self._state_p, self.num_slots,
+                                         self._stamp_p if distinct else None, self._gen,
+                                         _USED, _USED):
+                    return
+            self._raise_bad(arr, distinct)
         ok = np.maximum.reduce((arr - 1).view(np.uint64)) < self.num_slots
         ok = ok and np.count_nonzero(self._state[arr] != _USED) == 0
         if ok and distinct and n > 1:
             iota = self._iota[:n]
             self._stamp[arr] = iota  # a repeated slot keeps only its last position
             if np.count_nonzero(self._stamp[arr] != iota):
-                ordered = np.sort(arr)
-                same = ordered[1:] == ordered[:-1]
-                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
+                self._raise_bad(arr, distinct)
         if not ok:
-            for slot in arr.tolist():  # error path only: name the first bad slot
-                if not 0 < slot <= self.num_slots:
-                    what = "slot 0 is reserved" if slot == 0 else f"slot {slot} is out of range"
-                    raise InvalidSlotError(f"{what} (usable slots are 1..{self.num_slots})")
-                if self._state[slot] == _FREE:
-                    raise InvalidSlotError(f"KV slot {slot} is not allocated (double free?)")
-                if self._state[slot] == _TREE:
-                    raise InvalidSlotError(f"KV slot {slot} is held by the prefix cache")
-            raise AssertionError("unreachable")
+            self._raise_bad(arr, distinct)
+
+    def _raise_bad(self, arr: np.ndarray, distinct: bool) -> None:
+        """Error path only: raise `InvalidSlotError` naming the first bad slot of `arr`."""
+        for slot in arr.tolist():
+            if not 0 < slot <= self.num_slots:
+                what = "slot 0 is reserved" if slot == 0 else f"slot {slot} is out of range"
+                raise InvalidSlotError(f"{what} (usable slots are 1..{self.num_slots})")
+            if self._state[slot] == _FREE:
+                raise InvalidSlotError(f"KV slot {slot} is not allocated (double free?)")
+            if self._state[slot] == _TREE:
+                raise InvalidSlotError(f"KV slot {slot} is held by the prefix cache")
+        if distinct:
+            ordered = np.sort(arr)
+            same = ordered[1:] == ordered[:-1]
+            if same.any():
+                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
+        raise AssertionError("unreachable: no bad slot found")
 
     def _adopt(self, arr: np.ndarray) -> None:
         """Mark slots (already checked with `_check_used(distinct=True)`) as the cache's own."""
         self._state[arr] = _TREE
+
+    def _take(self, slots: SlotsLike, start: int, stop: int) -> np.ndarray:
+        """Adopt `slots[start:stop]` for the prefix cache and return them as a new int64 array.
+
+        One step for `RadixCache.insert`: raises `InvalidSlotError` (changing nothing) unless
+        each of them is the caller's and none is listed twice, then marks them cache-held.
+        """
+        lib = self._lib
+        k = stop - start
+        if lib is not None and 0 < k <= self.num_slots:
+            if (type(slots) is torch.Tensor and slots.dtype == torch.int64
+                    and slots.device.type == "cpu" and slots.dim() == 1
+                    and slots.is_contiguous()):
+                src = slots.data_ptr() + 8 * start  # read in place, copied by the call
+            else:
+                self._scratch[:k] = as_slot_array(slots)[start:stop]
+                src = self._scratch_p
+            self._gen += 1
+            if not lib.rkv_take(src, k, self._scratch_p, self._state_p, self.num_slots,
+                                self._stamp_p, self._gen, _USED, _TREE):
+                return self._scratch[:k].copy()
+            self._raise_bad(as_slot_array(slots)[start:stop], distinct=True)
+        arr = as_slot_array(slots)[start:stop]
+        self._check_used(arr, distinct=True)
+        self._adopt(arr)
+        return arr.copy()
 
     def num_cache_held(self) -> int:
         """Slots currently held by the prefix cache (O(num_slots); for invariant checks)."""
