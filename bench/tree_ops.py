@@ -2,17 +2,37 @@
 
 Each of N requests is one of P shared prompts (S tokens) plus U unique tokens, and runs the life a
 request has in the engine: match -> lock -> evict if short -> alloc -> insert -> free duplicates ->
-unlock. Run: `.venv/bin/python bench/tree_ops.py [--requests N --prompts P ...]`.
+unlock. radixkv runs it twice, with the compiled slot allocator and with its numpy reference
+(`RADIXKV_TREE_KERNELS=0`), and SGLang 0.5.23's RadixCache runs the identical trace in its own
+venv (bench/tree_ops_sglang.py, a subprocess fed one capacity at a time, so the three alternate
+within one run). Each figure is the best of `--rounds`; the clock is CPU time by default, which a
+shared machine's load disturbs far less than wall time (`--clock wall` for wall time).
+
+Run: `.venv/bin/python bench/tree_ops.py [--requests N --prompts P ...]`. SGLang's venv (found at
+`--sglang-python`, default /work/peers/sglang/bin/python or $RADIXKV_SGLANG_PYTHON) is made with:
+    python3 -m venv /work/peers/sglang
+    /work/peers/sglang/bin/pip install torch==2.13.0 numpy
+    /work/peers/sglang/bin/pip install --no-deps sglang==0.5.23
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from radixkv import RadixCache, TokenToKVPool
+
+_SGLANG_PY = os.environ.get("RADIXKV_SGLANG_PYTHON", "/work/peers/sglang/bin/python")
 
 
 def make_trace(n: int, p: int, s: int, u: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -24,12 +44,25 @@ def make_trace(n: int, p: int, s: int, u: int, seed: int) -> tuple[list[np.ndarr
     return reqs, which
 
 
-def run_trace(reqs: list[np.ndarray], capacity: int, timed_ops: bool) -> dict[str, float]:
-    pool = TokenToKVPool(capacity, num_layers=1, num_kv_heads=1, head_dim=1)
+def _pool(capacity: int, compiled: bool) -> TokenToKVPool:
+    """A pool on the compiled allocator path or on its numpy reference."""
+    old = os.environ.get("RADIXKV_TREE_KERNELS")
+    os.environ["RADIXKV_TREE_KERNELS"] = "1" if compiled else "0"
+    try:
+        return TokenToKVPool(capacity, num_layers=1, num_kv_heads=1, head_dim=1)
+    finally:
+        if old is None:
+            del os.environ["RADIXKV_TREE_KERNELS"]
+        else:
+            os.environ["RADIXKV_TREE_KERNELS"] = old
+
+
+def run_trace(reqs: list[np.ndarray], capacity: int, timed_ops: bool, compiled: bool = True,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    pool = _pool(capacity, compiled)
     cache = RadixCache(pool)
     t_match = t_insert = t_evict = 0.0
     n_evict = 0
-    clock = time.perf_counter
     start = clock()
     for tokens in reqs:
         t0 = clock() if timed_ops else 0.0
@@ -79,6 +112,37 @@ def time_evict_one(num_leaves: int, repeats: int = 2000) -> float:
     return elapsed / repeats
 
 
+class SGLangPeer:
+    """SGLang's RadixCache on the same trace, in a subprocess of SGLang's venv."""
+
+    def __init__(self, python: str, reqs: list[np.ndarray], clock: str) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="radixkv-tree-")
+        trace = Path(self._dir.name) / "trace.npy"
+        np.save(trace, np.stack(reqs))
+        script = Path(__file__).with_name("tree_ops_sglang.py")
+        self._proc = subprocess.Popen([python, str(script), str(trace), "--clock", clock],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, capacity: int) -> dict[str, Any]:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(f"{capacity}\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the SGLang run exited with {self._proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._dir.cleanup()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20_000)
@@ -87,24 +151,63 @@ def main() -> None:
     ap.add_argument("--unique", type=int, default=50, help="unique tokens per request")
     ap.add_argument("--capacity", type=int, nargs="+", default=[60_000, 150_000])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side; best is shown")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    ap.add_argument("--sglang-python", default=_SGLANG_PY,
+                    help="python of a venv with sglang==0.5.23 (see the module docstring)")
+    ap.add_argument("--no-sglang", action="store_true", help="skip the SGLang comparison")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     reqs, _ = make_trace(args.requests, args.prompts, args.shared, args.unique, args.seed)
     print(f"trace: {args.requests} requests, {args.prompts} prompts x {args.shared} shared + "
-          f"{args.unique} unique tokens")
-    print(f"{'capacity':>9} {'req/s':>9} {'match µs':>9} {'insert µs':>10} {'evict µs':>9} "
-          f"{'evicts':>7} {'hit rate':>9} {'nodes':>6}")
+          f"{args.unique} unique tokens; {args.clock} clock, best of {args.rounds}; load "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    peer = None
+    if not args.no_sglang:
+        if Path(args.sglang_python).exists():
+            peer = SGLangPeer(args.sglang_python, reqs, args.clock)
+        else:
+            print(f"SGLang: no {args.sglang_python} (make its venv as the docstring says); "
+                  "skipped")
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def keep(name: str, cap: int, res: dict[str, Any]) -> None:
+        if (name, cap) not in best or res["req_s"] > best[name, cap]["req_s"]:
+            best[name, cap] = res
+
+    try:
+        for _ in range(args.rounds):  # alternate the sides so a change of load hits all three
+            for cap in args.capacity:
+                keep("compiled", cap, run_trace(reqs, cap, False, True, clock))
+                keep("reference", cap, run_trace(reqs, cap, False, False, clock))
+                if peer is not None:
+                    keep("sglang", cap, peer.run(cap))
+    finally:
+        if peer is not None:
+            peer.close()
+    print(f"{'capacity':>9} {'radixkv req/s':>14} {'numpy ref':>10} {'SGLang':>9} "
+          f"{'x SGLang':>9} {'ref x SGLang':>13} {'hit rate':>9} {'SGLang hit':>11}")
     for cap in args.capacity:
-        plain = run_trace(reqs, cap, timed_ops=False)
-        ops = run_trace(reqs, cap, timed_ops=True)
-        print(f"{cap:>9} {plain['req_s']:>9.0f} {ops['match_us']:>9.2f} {ops['insert_us']:>10.2f} "
-              f"{ops['evict_us']:>9.2f} {ops['evict_calls']:>7} {plain['hit_rate']:>9.3f} "
-              f"{plain['nodes']:>6}")
-    print("targets: >= 50,000 req/s at 60000, >= 20,000 at 150000")
+        ours, ref = best["compiled", cap], best["reference", cap]
+        sg = best.get(("sglang", cap))
+        sg_rs = f"{sg['req_s']:>9.0f}" if sg else f"{'-':>9}"
+        ratio = f"{ours['req_s'] / sg['req_s']:>8.2f}x" if sg else f"{'-':>9}"
+        ref_ratio = f"{ref['req_s'] / sg['req_s']:>12.2f}x" if sg else f"{'-':>13}"
+        sg_hit = f"{sg['hit_rate']:>11.4f}" if sg else f"{'-':>11}"
+        print(f"{cap:>9} {ours['req_s']:>14.0f} {ref['req_s']:>10.0f} {sg_rs} {ratio} "
+              f"{ref_ratio} {ours['hit_rate']:>9.4f} {sg_hit}")
+    print("target: radixkv >= 3x SGLang's requests/s at every capacity, same hit rate")
+    print(f"{'capacity':>9} {'match µs':>9} {'insert µs':>10} {'evict µs':>9} {'evicts':>7} "
+          f"{'nodes':>6}   (compiled path, per call)")
+    for cap in args.capacity:
+        ops = run_trace(reqs, cap, True, True, clock)
+        print(f"{cap:>9} {ops['match_us']:>9.2f} {ops['insert_us']:>10.2f} "
+              f"{ops['evict_us']:>9.2f} {ops['evict_calls']:>7} {ops['nodes']:>6}")
     print(f"{'evictable leaves':>17} {'evict(1) µs':>12}")
     for leaves in (1_000, 10_000, 50_000):
         print(f"{leaves:>17} {1e6 * time_evict_one(leaves):>12.2f}")
-    print("target: evict(1) < 100 µs at 50k leaves")
+    print("target: evict(1) <= 100 µs at 50k leaves")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

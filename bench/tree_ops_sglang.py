@@ -1,6 +1,7 @@
 """SGLang 0.5.23's RadixCache on bench/tree_ops.py's trace; run by tree_ops.py in SGLang's venv.
 
-`python bench/tree_ops_sglang.py TRACE.npy CAPACITY...` prints one JSON line per capacity. The
+`python bench/tree_ops_sglang.py TRACE.npy [--clock cpu] CAPACITY...` prints one JSON line per
+capacity (capacities are read from stdin, one a line, when none are given). The
 trace file holds the requests as rows of int32 tokens (tree_ops.py writes it, so both sides run
 the identical trace). Only numpy, torch and `pip install --no-deps sglang==0.5.23` are needed:
 the few modules `sglang.srt.mem_cache.radix_cache` imports for serving (metrics, KV events, the
@@ -143,7 +144,8 @@ def install_stubs() -> None:
     _module("sglang.srt.utils.common", ceil_align=lambda x, y: -(-x // y) * y)
 
 
-def run_trace(reqs: list[array], capacity: int) -> dict[str, float]:
+def run_trace(reqs: list[array], capacity: int, clock: Any = time.perf_counter
+              ) -> dict[str, float]:
     from sglang.srt.mem_cache import base_prefix_cache as bpc
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
@@ -153,7 +155,6 @@ def run_trace(reqs: list[array], capacity: int) -> dict[str, float]:
     cache = RadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
                                        token_to_kv_pool_allocator=alloc, page_size=1))
     query = hit = 0
-    clock = time.perf_counter
     start = clock()
     for tokens in reqs:
         m = cache.match_prefix(bpc.MatchPrefixParams(key=RadixKey(tokens)))
@@ -179,13 +180,19 @@ def run_trace(reqs: list[array], capacity: int) -> dict[str, float]:
 
 
 def main() -> None:
+    """argv: TRACE.npy [--clock cpu|wall] [CAPACITY...]; without capacities, one per stdin line."""
     install_stubs()
-    rows = np.load(sys.argv[1])
+    args = sys.argv[1:]
+    rows = np.load(args.pop(0))
+    clock = time.perf_counter
+    if args[:1] == ["--clock"]:
+        clock = time.process_time if args[1] == "cpu" else time.perf_counter
+        args = args[2:]
     # SGLang's RadixKey holds token ids as array('q'); converted before the clock starts, as
     # tree_ops.py hands radixkv its int32 arrays ready-made.
     reqs = [array("q", row.tolist()) for row in rows]
-    for cap in sys.argv[2:]:
-        print(json.dumps({"capacity": int(cap), **run_trace(reqs, int(cap))}), flush=True)
+    for cap in args or sys.stdin:
+        print(json.dumps({"capacity": int(cap), **run_trace(reqs, int(cap), clock)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ are CPU int64 tensors, which the engine moves to the device once per forward.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,8 @@ from radixkv.errors import InvalidSlotError, OutOfSlotsError
 from radixkv.memory import native
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
+_pack4 = struct.Struct("<4q").pack
+_pack5, _pack7 = struct.Struct("<5q").pack, struct.Struct("<7q").pack
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
 
 
@@ -97,9 +100,9 @@ class TokenToKVPool:
         if self._lib is not None:
             self._scratch = np.empty(num_slots, dtype=np.int64)
             self._scratch_p = self._scratch.ctypes.data
-            self._state_p = self._state.ctypes.data
-            self._stack_p = self._stack.ctypes.data
-            self._stamp_p = self._stamp.ctypes.data
+            # Each call's record starts with these fixed fields (see csrc/slot_ops.cpp).
+            self._head = _pack4(self._state.ctypes.data, self._stack.ctypes.data,
+                                self._stamp.ctypes.data, num_slots)
         self.clear()
 
     # ---- allocator -------------------------------------------------------------------------
@@ -126,8 +129,8 @@ class TokenToKVPool:
                                   f"{self.num_slots} are free")
         lib = self._lib
         if lib is not None:
-            self._n_free = lib.rkv_alloc(self._scratch_p, n, self._state_p, self._stack_p,
-                                         self._n_free, _USED)
+            self._n_free = lib.rkv_alloc(self._head + _pack4(self._scratch_p, n, self._n_free,
+                                                             _USED))
             return torch.from_numpy(self._scratch[:n].copy())
         top = self._n_free
         out = self._stack[top - n:top][::-1].copy()
@@ -149,8 +152,8 @@ class TokenToKVPool:
             if ptr:
                 self._gen += 1
                 group = self._group
-                got = lib.rkv_free(ptr, n, self._state_p, self.num_slots, self._stamp_p,
-                                   self._gen, _USED, self._stack_p, self._n_free, group is None)
+                got = lib.rkv_free(self._head + _pack5(ptr, n, self._n_free, group is None,
+                                                       self._gen))
                 if got >= 0:
                     if group is None:
                         self._n_free = got
@@ -201,9 +204,9 @@ class TokenToKVPool:
             if n <= self.num_slots:
                 self._scratch[:n] = arr
                 self._gen += 1
-                if not lib.rkv_check_set(self._scratch_p, n, self._state_p, self.num_slots,
-                                         self._stamp_p if distinct else None, self._gen,
-                                         _USED, _USED):
+                p = self._scratch_p
+                if not lib.rkv_take(self._head + _pack7(p, n, p, self._gen, _USED, _USED,
+                                                        distinct)):
                     return
             self._raise_bad(arr, distinct)
         ok = np.maximum.reduce((arr - 1).view(np.uint64)) < self.num_slots
@@ -254,8 +257,8 @@ class TokenToKVPool:
                 self._scratch[:k] = as_slot_array(slots)[start:stop]
                 src = self._scratch_p
             self._gen += 1
-            if not lib.rkv_take(src, k, self._scratch_p, self._state_p, self.num_slots,
-                                self._stamp_p, self._gen, _USED, _TREE):
+            if not lib.rkv_take(self._head + _pack7(src, k, self._scratch_p, self._gen, _USED,
+                                                    _TREE, 1)):
                 return self._scratch[:k].copy()
             self._raise_bad(as_slot_array(slots)[start:stop], distinct=True)
         arr = as_slot_array(slots)[start:stop]
@@ -269,6 +272,16 @@ class TokenToKVPool:
 
     def _release(self, arr: np.ndarray) -> None:
         """Free slots known to be allocated and distinct (checked, or the cache's own)."""
+        lib = self._lib
+        n = arr.size
+        if lib is not None and n <= self.num_slots:
+            self._scratch[:n] = arr
+            group = self._group
+            self._n_free = lib.rkv_release(self._head + _pack4(self._scratch_p, n, self._n_free,
+                                                               group is None))
+            if group is not None:
+                group.append(self._scratch[:n].copy())  # pushed when the group exits
+            return
         self._state[arr] = _FREE
         if self._group is not None:
             self._group.append(arr.copy())  # pushed later: the caller may reuse its array

@@ -33,6 +33,7 @@ import torch
 import xxhash
 
 from radixkv.errors import InvalidSlotError, InvariantError, LockError
+from radixkv.memory import native
 from radixkv.memory.base_cache import (
     CacheStats,
     MatchResult,
@@ -124,6 +125,9 @@ class RadixCache:
         self._protected = 0
         self._node_count = 0
         self._query = self._hit = self._evicted = self._inserted = 0
+        lib = native.lib()  # compiled split-point scan, else numpy's
+        self._mismatch = _first_mismatch if lib is None else (
+            lambda a, b: lib.rkv_mismatch(a, b, min(len(a), len(b)) // _TOK))
 
     # ---- public API -------------------------------------------------------------------------
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
@@ -157,7 +161,7 @@ class RadixCache:
             key = child.key
             end = at + len(key)
             if tb[at:end] != key:
-                cut = _first_mismatch(key, tb[at:end]) // self.page_size * self.page_size
+                cut = self._mismatch(key, tb[at:end]) // self.page_size * self.page_size
                 if not cut:
                     break
                 child = self._split(child, cut)
@@ -483,7 +487,7 @@ class RadixCache:
                 path.append(child)
                 node, pos = child, pos + size
                 continue
-            cut = _first_mismatch(child.key, seg) // self.page_size * self.page_size
+            cut = self._mismatch(child.key, seg) // self.page_size * self.page_size
             if cut:
                 return path, pos + cut, child, cut
             break

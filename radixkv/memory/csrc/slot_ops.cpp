@@ -6,77 +6,110 @@
 // anything, so a failed call leaves the pool exactly as it was (the Python side then names the
 // offending slot with the reference's messages).
 //
-// Conventions: `state` has num_slots + 1 bytes (slot 0 reserved), `stack` num_slots int64
-// entries whose first `n_free` are the free slots (top = end), `stamp` num_slots + 1 int64
-// entries used to find repeats: a slot seen in this call carries the call's `gen`.
+// Calling convention: one argument, a packed little-endian int64 record (struct.pack on the
+// Python side): ctypes converts each argument separately at ~0.3 us apiece, one bytes object is
+// the cheapest thing to pass. Every record starts with the pool's fixed fields:
+//   [0] state   uint8 [num_slots + 1]   _FREE 0, _USED 1, _RESERVED 2, _TREE 3
+//   [1] stack   int64 [num_slots]       free slots in stack[0 : n_free], top at the end
+//   [2] stamp   int64 [num_slots + 1]   generation of the last call that saw each slot
+//   [3] num_slots
+// followed by the call's own fields, listed at each function.
 
 #include <cstdint>
+#include <cstring>
+
+namespace {
+
+struct Pool {
+    uint8_t* state;
+    int64_t* stack;
+    int64_t* stamp;
+    int64_t num_slots;
+};
+
+const Pool& pool_of(const int64_t* a) { return *reinterpret_cast<const Pool*>(a); }
+
+// 0 if every slot is in 1..num_slots, in state `want` and (with distinct) listed once; else
+// 1 + the index of the first bad one. Writes only stamps.
+int64_t check(const Pool& p, const int64_t* slots, int64_t n, int64_t gen, int64_t want,
+              int64_t distinct) {
+    const uint64_t limit = (uint64_t)p.num_slots;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t s = slots[i];
+        if ((uint64_t)(s - 1) >= limit || p.state[s] != (uint8_t)want) return i + 1;
+        if (distinct) {
+            if (p.stamp[s] == gen) return i + 1;
+            p.stamp[s] = gen;
+        }
+    }
+    return 0;
+}
+
+}  // namespace
 
 extern "C" {
 
-// Check that every slot is in 1..num_slots, in state `want` and (when stamp is non-null) listed
-// once; then set all of them to `set_to`. Returns 0, or 1 + the index of the first bad slot
-// (nothing is changed then).
-int64_t rkv_check_set(const int64_t* slots, int64_t n, uint8_t* state, int64_t num_slots,
-                      int64_t* stamp, int64_t gen, int64_t want, int64_t set_to) {
-    const uint64_t limit = (uint64_t)num_slots;
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t s = slots[i];
-        if ((uint64_t)(s - 1) >= limit || state[s] != (uint8_t)want) return i + 1;
-        if (stamp) {
-            if (stamp[s] == gen) return i + 1;
-            stamp[s] = gen;
-        }
-    }
-    if (set_to != want)
-        for (int64_t i = 0; i < n; ++i) state[slots[i]] = (uint8_t)set_to;
+// Fields: [4] src, [5] n, [6] out (may equal src), [7] gen, [8] want, [9] set_to, [10] distinct.
+// Check src[0:n] (see check), then set their state to set_to and copy them to out. Returns 0,
+// or 1 + the index of the first bad slot with nothing changed.
+int64_t rkv_take(const int64_t* a) {
+    const Pool& p = pool_of(a);
+    const int64_t* src = reinterpret_cast<const int64_t*>(a[4]);
+    const int64_t n = a[5];
+    int64_t* out = reinterpret_cast<int64_t*>(a[6]);
+    const int64_t bad = check(p, src, n, a[7], a[8], a[10]);
+    if (bad) return bad;
+    if (a[9] != a[8])
+        for (int64_t i = 0; i < n; ++i) p.state[src[i]] = (uint8_t)a[9];
+    if (out != src) std::memmove(out, src, (size_t)n * sizeof(int64_t));
     return 0;
 }
 
-// Mark slots free (they are known valid and distinct) and, with push, put them on the free
-// stack. Returns the new free count.
-int64_t rkv_release(const int64_t* slots, int64_t n, uint8_t* state, int64_t* stack,
-                    int64_t n_free, int64_t push) {
-    for (int64_t i = 0; i < n; ++i) state[slots[i]] = 0;
-    if (!push) return n_free;
-    int64_t* top = stack + n_free;
-    for (int64_t i = 0; i < n; ++i) top[i] = slots[i];
-    return n_free + n;
+// Fields: [4] src, [5] n, [6] n_free, [7] push. Mark src[0:n] (known valid and distinct) free
+// and, with push, put them on the free stack. Returns the new free count.
+int64_t rkv_release(const int64_t* a) {
+    const Pool& p = pool_of(a);
+    const int64_t* src = reinterpret_cast<const int64_t*>(a[4]);
+    const int64_t n = a[5];
+    for (int64_t i = 0; i < n; ++i) p.state[src[i]] = 0;
+    if (!a[7]) return a[6];
+    std::memcpy(p.stack + a[6], src, (size_t)n * sizeof(int64_t));
+    return a[6] + n;
 }
 
-// Validate (in state `want`, listed once) then free and push, in one call: `TokenToKVPool.free`.
-// Returns the new free count, or -(1 + index of the first bad slot) with nothing changed.
-int64_t rkv_free(const int64_t* slots, int64_t n, uint8_t* state, int64_t num_slots,
-                 int64_t* stamp, int64_t gen, int64_t want, int64_t* stack, int64_t n_free,
-                 int64_t push) {
-    const int64_t bad = rkv_check_set(slots, n, state, num_slots, stamp, gen, want, want);
+// Fields: [4] src, [5] n, [6] n_free, [7] push, [8] gen. `TokenToKVPool.free`: check that each
+// slot is a caller's (state _USED) and listed once, then release it. Returns the new free count,
+// or -(1 + index of the first bad slot) with nothing changed.
+int64_t rkv_free(const int64_t* a) {
+    const Pool& p = pool_of(a);
+    const int64_t bad = check(p, reinterpret_cast<const int64_t*>(a[4]), a[5], a[8], 1, 1);
     if (bad) return -bad;
-    return rkv_release(slots, n, state, stack, n_free, push);
+    return rkv_release(a);
 }
 
-// Pop n slots off the free stack into out (top first, as the reference's reversed slice) and
-// mark them `set_to`. The caller checked n <= n_free. Returns the new free count.
-int64_t rkv_alloc(int64_t* out, int64_t n, uint8_t* state, int64_t* stack, int64_t n_free,
-                  int64_t set_to) {
-    const int64_t* top = stack + n_free - 1;
+// Fields: [4] out, [5] n, [6] n_free, [7] set_to. Pop n slots off the free stack into out, top
+// first (as the reference's reversed slice), and mark them set_to. The caller checked
+// n <= n_free. Returns the new free count.
+int64_t rkv_alloc(const int64_t* a) {
+    const Pool& p = pool_of(a);
+    int64_t* out = reinterpret_cast<int64_t*>(a[4]);
+    const int64_t n = a[5];
+    const int64_t* top = p.stack + a[6] - 1;
     for (int64_t i = 0; i < n; ++i) {
         const int64_t s = top[-i];
         out[i] = s;
-        state[s] = (uint8_t)set_to;
+        p.state[s] = (uint8_t)a[7];
     }
-    return n_free - n;
+    return a[6] - n;
 }
 
-// rkv_check_set on `src`, then (only if it passed) copy the n slots to `out`: adopting a run of
-// an insert's slots and handing back the tree's own copy in one call. out may equal src.
-int64_t rkv_take(const int64_t* src, int64_t n, int64_t* out, uint8_t* state, int64_t num_slots,
-                 int64_t* stamp, int64_t gen, int64_t want, int64_t set_to) {
-    const int64_t bad = rkv_check_set(src, n, state, num_slots, stamp, gen, want, set_to);
-    if (bad || out == src) return bad;
-    for (int64_t i = 0; i < n; ++i) out[i] = src[i];
-    return 0;
+// Number of leading int32 tokens on which x[0:n] and y[0:n] agree (the tree's split point).
+int64_t rkv_mismatch(const char* x, const char* y, int64_t n) {
+    const int32_t* a = reinterpret_cast<const int32_t*>(x);
+    const int32_t* b = reinterpret_cast<const int32_t*>(y);
+    int64_t i = 0;
+    while (i < n && a[i] == b[i]) ++i;
+    return i;
 }
-
-int64_t rkv_slot_ops_version() { return 1; }
 
 }  // extern "C"
