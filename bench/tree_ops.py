@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from radixkv import RadixCache, TokenToKVPool
 
@@ -78,8 +79,7 @@ def run_trace(reqs: list[np.ndarray], capacity: int, timed_ops: bool, compiled: 
             if timed_ops:
                 t_evict += clock() - t0
             n_evict += 1
-        new = pool.alloc(need).numpy()
-        slots = np.concatenate([m.slots.numpy(), new])
+        slots = torch.cat([m.slots, pool.alloc(need)])  # [len(tokens)]
         t0 = clock() if timed_ops else 0.0
         cached = cache.insert(tokens, slots)
         if timed_ops:

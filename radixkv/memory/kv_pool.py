@@ -18,12 +18,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from radixkv.errors import InvalidSlotError, OutOfSlotsError
+from radixkv.errors import InvalidSlotError, InvariantError, OutOfSlotsError
 from radixkv.memory import native
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
 _pack4 = struct.Struct("<4q").pack
-_pack5, _pack7 = struct.Struct("<5q").pack, struct.Struct("<7q").pack
+_pack6 = struct.Struct("<6q").pack
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
 
 
@@ -92,17 +92,14 @@ class TokenToKVPool:
         self._iota = np.arange(num_slots + 1, dtype=np.int64)
         self._group: list[np.ndarray] | None = None
         # The compiled allocator path (radixkv.memory.native), chosen once per pool; None runs
-        # the numpy reference. It works on fixed buffers whose addresses are taken here once:
-        # `_scratch` stages a batch of slots, `_stamp` then holds the generation of the last
-        # call that saw each slot (repeat detection without clearing).
+        # the numpy reference. It works on fixed buffers whose addresses are taken here once;
+        # `_scratch` stages a batch of slots.
         self._lib = native.lib()
-        self._gen = 0
         if self._lib is not None:
             self._scratch = np.empty(num_slots, dtype=np.int64)
             self._scratch_p = self._scratch.ctypes.data
             # Each call's record starts with these fixed fields (see csrc/slot_ops.cpp).
-            self._head = _pack4(self._state.ctypes.data, self._stack.ctypes.data,
-                                self._stamp.ctypes.data, num_slots)
+            self._head = _pack4(self._state.ctypes.data, self._stack.ctypes.data, 0, num_slots)
         self.clear()
 
     # ---- allocator -------------------------------------------------------------------------
@@ -150,10 +147,8 @@ class TokenToKVPool:
             if n == 0:
                 return
             if ptr:
-                self._gen += 1
                 group = self._group
-                got = lib.rkv_free(self._head + _pack5(ptr, n, self._n_free, group is None,
-                                                       self._gen))
+                got = lib.rkv_free(self._head + _pack4(ptr, n, self._n_free, group is None))
                 if got >= 0:
                     if group is None:
                         self._n_free = got
@@ -203,10 +198,8 @@ class TokenToKVPool:
                 return
             if n <= self.num_slots:
                 self._scratch[:n] = arr
-                self._gen += 1
                 p = self._scratch_p
-                if not lib.rkv_take(self._head + _pack7(p, n, p, self._gen, _USED, _USED,
-                                                        distinct)):
+                if not lib.rkv_take(self._head + _pack6(p, n, p, _USED, _USED, distinct)):
                     return
             self._raise_bad(arr, distinct)
         ok = np.maximum.reduce((arr - 1).view(np.uint64)) < self.num_slots
@@ -256,9 +249,7 @@ class TokenToKVPool:
             else:
                 self._scratch[:k] = as_slot_array(slots)[start:stop]
                 src = self._scratch_p
-            self._gen += 1
-            if not lib.rkv_take(self._head + _pack7(src, k, self._scratch_p, self._gen, _USED,
-                                                    _TREE, 1)):
+            if not lib.rkv_take(self._head + _pack6(src, k, self._scratch_p, _USED, _TREE, 1)):
                 return self._scratch[:k].copy()
             self._raise_bad(as_slot_array(slots)[start:stop], distinct=True)
         arr = as_slot_array(slots)[start:stop]
@@ -277,8 +268,12 @@ class TokenToKVPool:
         if lib is not None and n <= self.num_slots:
             self._scratch[:n] = arr
             group = self._group
-            self._n_free = lib.rkv_release(self._head + _pack4(self._scratch_p, n, self._n_free,
-                                                               group is None))
+            got = lib.rkv_release(self._head + _pack4(self._scratch_p, n, self._n_free,
+                                                      group is None))
+            if got < 0:
+                raise InvariantError(f"releasing {n} slots would overflow the free list: some "
+                                     "of them are free already")
+            self._n_free = got
             if group is not None:
                 group.append(self._scratch[:n].copy())  # pushed when the group exits
             return

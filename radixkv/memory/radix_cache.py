@@ -44,6 +44,7 @@ from radixkv.memory.base_cache import (
 from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
 
 _TOK = 4  # bytes per token in keys (int32)
+_I32 = np.dtype(np.int32)
 _EMPTY_SLOTS = np.empty(0, dtype=np.int64)
 
 
@@ -125,9 +126,8 @@ class RadixCache:
         self._protected = 0
         self._node_count = 0
         self._query = self._hit = self._evicted = self._inserted = 0
-        lib = native.lib()  # compiled split-point scan, else numpy's
-        self._mismatch = _first_mismatch if lib is None else (
-            lambda a, b: lib.rkv_mismatch(a, b, min(len(a), len(b)) // _TOK))
+        lib = native.lib()  # the compiled split-point scan, else numpy's
+        self._c_mismatch = lib.rkv_mismatch if lib is not None else None
 
     # ---- public API -------------------------------------------------------------------------
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
@@ -139,7 +139,9 @@ class RadixCache:
         of page_size and at most len(tokens). `record=False` leaves the query/hit counters of
         `stats()` alone (for an engine's own bookkeeping lookups, e.g. ordering its queue).
         """
-        arr = as_token_array(tokens)
+        # tobytes() below copies any int32 vector in order, so only the dtype needs checking
+        arr = tokens if (type(tokens) is np.ndarray and tokens.dtype is _I32
+                         and tokens.ndim == 1) else as_token_array(tokens)
         total = len(arr)
         if record:
             self._query += total
@@ -150,7 +152,7 @@ class RadixCache:
                                root if root is not None else self._null_root, 0)
         tb = arr[:n].tobytes() if n < total else arr.tobytes()
         # Descend and touch in one pass (nothing here can fail half-way).
-        node, pos, values = root, 0, []
+        node, pos, values, tick = root, 0, [], self._tick
         page1 = self.page_size == 1
         children = root.children
         while pos < n and children:
@@ -166,8 +168,8 @@ class RadixCache:
                     break
                 child = self._split(child, cut)
                 end = at + cut * _TOK
-            self._tick += 1
-            child.last_access = self._tick
+            tick += 1
+            child.last_access = tick
             if record:
                 child.hit_count += 1
             if child.evict_key is not None:
@@ -176,6 +178,7 @@ class RadixCache:
             node, pos, children = child, end // _TOK, child.children
             if end - at != len(key):  # split: the match ends inside the old node
                 break
+        self._tick = tick
         if record:
             self._hit += pos
         # a copy either way: the caller must never alias the tree's arrays
@@ -190,7 +193,8 @@ class RadixCache:
         passed for positions that were already cached stay the caller's to free. Raises
         `InvalidSlotError` (changing nothing) if the lengths differ or a slot is not allocated.
         """
-        arr = as_token_array(tokens)
+        arr = tokens if (type(tokens) is np.ndarray and tokens.dtype is _I32
+                         and tokens.ndim == 1) else as_token_array(tokens)
         if type(slots) is torch.Tensor and slots.dtype == torch.int64:
             sl, n_slots = slots, slots.numel()  # the pool reads it in place
         else:
@@ -210,18 +214,32 @@ class RadixCache:
         adopted = self.kv_pool._take(sl, pos, n) if pos < n else None
         if root is None:  # created only now: a failed insert leaves no empty tenant root
             root = self._root(namespace)
-        for node in path:
-            self._touch(node, False)
+        tick = self._tick
+        for node in path:  # an insert counts as a use of the whole path
+            tick += 1
+            node.last_access = tick
+            if node.evict_key is not None:
+                self._index_leaf(node)
         node = path[-1] if path else root
         if partial is not None:
             node = self._split(partial, cut)
-            self._touch(node, False)
+            tick += 1
+            node.last_access = tick
         if adopted is not None:
             leaf_key = tb[pos * _TOK:]
-            leaf = TreeNode(leaf_key, adopted, node, self._free_child_key(node, leaf_key),
-                            node.namespace)
-            self._attach(node, leaf)
+            ck = leaf_key[:_TOK] if self.page_size == 1 else self._free_child_key(node, leaf_key)
+            leaf = TreeNode(leaf_key, adopted, node, ck, node.namespace)
+            if node.evict_key is not None:  # node stops being a leaf
+                node.evict_key = None
+                self._n_leaves -= 1
+            node.children[ck] = leaf
+            self._node_count += 1
+            self._evictable += n - pos
             self._inserted += n - pos
+            tick += 1
+            leaf.last_access = tick
+            self._index_leaf(leaf)
+        self._tick = tick
         return pos
 
     def lock(self, node: TreeNode) -> None:
@@ -261,7 +279,7 @@ class RadixCache:
         A parent becomes a candidate once its last child is gone. Stops early when nothing is
         evictable; returns the number of tokens freed (may exceed `num_tokens`).
         """
-        freed = 0
+        freed = nodes = 0
         released: list[np.ndarray] = []
         heap = self._heap
         while freed < num_tokens and self._n_leaves:
@@ -273,11 +291,10 @@ class RadixCache:
             self._n_leaves -= 1
             parent = node.parent
             del parent.children[node.child_key]
-            size = len(node.value)
-            released.append(node.value)
-            freed += size
-            self._evictable -= size
-            self._node_count -= 1
+            value = node.value
+            released.append(value)
+            freed += len(value)
+            nodes += 1
             node.key = None
             if parent.parent is not None:
                 if not parent.children and parent.lock_ref == 0:
@@ -285,7 +302,9 @@ class RadixCache:
             elif not parent.children and parent.namespace is not None:
                 del self._roots[parent.namespace]  # drop empty tenant roots
         if released:  # distinct and allocated by the tree's invariants (check_invariants verifies)
-            self.kv_pool._release(released[0] if len(released) == 1 else np.concatenate(released))
+            self.kv_pool._release(released[0] if nodes == 1 else np.concatenate(released))
+        self._evictable -= freed
+        self._node_count -= nodes
         self._evicted += freed
         return freed
 
@@ -441,14 +460,6 @@ class RadixCache:
         hashed = self._hash_key(page)
         return page if hashed in node.children else hashed
 
-    def _touch(self, node: TreeNode, count_hit: bool) -> None:
-        self._tick += 1
-        node.last_access = self._tick
-        if count_hit:
-            node.hit_count += 1
-        if node.evict_key is not None:
-            self._index_leaf(node)
-
     def _order_key(self, node: TreeNode) -> tuple[int, ...]:
         return (node.last_access,) if self.eviction_policy == "lru" else (
             node.hit_count, node.last_access)
@@ -468,6 +479,12 @@ class RadixCache:
             heap[:] = [e for e in heap if e[-1].evict_key is e]
             heapify(heap)
 
+    def _mismatch(self, a: bytes, b: bytes) -> int:
+        """Number of leading tokens on which two keys agree."""
+        if self._c_mismatch is not None:
+            return self._c_mismatch(a, b, min(len(a), len(b)) // _TOK)
+        return _first_mismatch(a, b)
+
     def _descend(self, root: TreeNode, tb: bytes
                  ) -> tuple[list[TreeNode], int, TreeNode | None, int]:
         """Follow `tb` down from `root` without changing anything.
@@ -477,8 +494,12 @@ class RadixCache:
         """
         node, pos, n = root, 0, len(tb) // _TOK
         path: list[TreeNode] = []
+        page1 = self.page_size == 1
         while pos < n:
-            child = self._get_child(node, tb, pos)
+            if page1:
+                child = node.children.get(tb[pos * _TOK:pos * _TOK + _TOK])
+            else:
+                child = self._get_child(node, tb, pos)
             if child is None:
                 break
             size = len(child.value)
@@ -509,16 +530,6 @@ class RadixCache:
         upper.children[child.child_key] = child
         self._node_count += 1
         return upper
-
-    def _attach(self, parent: TreeNode, leaf: TreeNode) -> None:
-        if parent.evict_key is not None:  # parent stops being a leaf
-            parent.evict_key = None
-            self._n_leaves -= 1
-        parent.children[leaf.child_key] = leaf
-        self._node_count += 1
-        self._evictable += len(leaf.value)
-        self._touch(leaf, count_hit=False)
-        self._index_leaf(leaf)
 
     def __repr__(self) -> str:
         return (f"RadixCache(nodes={self._node_count}, total={self.total_size()}, "
