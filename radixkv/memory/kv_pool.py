@@ -170,8 +170,8 @@ class TokenToKVPool:
         `_scratch`. The address is 0 when the slots cannot be valid (more than num_slots, or not
         integers), so the caller goes straight to the error path.
         """
-        if (type(slots) is torch.Tensor and slots.dtype == torch.int64
-                and slots.device.type == "cpu" and slots.dim() == 1 and slots.is_contiguous()):
+        if (type(slots) is torch.Tensor and slots.dtype is torch.int64 and slots.is_cpu
+                and slots.is_contiguous()):
             return slots.numel(), slots.data_ptr()
         try:
             arr = as_slot_array(slots)
@@ -242,10 +242,10 @@ class TokenToKVPool:
         lib = self._lib
         k = stop - start
         if lib is not None and 0 < k <= self.num_slots:
-            if (type(slots) is torch.Tensor and slots.dtype == torch.int64
-                    and slots.device.type == "cpu" and slots.dim() == 1
+            # A contiguous tensor's elements in memory order are its reshape(-1): read in place.
+            if (type(slots) is torch.Tensor and slots.dtype is torch.int64 and slots.is_cpu
                     and slots.is_contiguous()):
-                src = slots.data_ptr() + 8 * start  # read in place, copied by the call
+                src = slots.data_ptr() + 8 * start
             else:
                 self._scratch[:k] = as_slot_array(slots)[start:stop]
                 src = self._scratch_p
@@ -263,25 +263,36 @@ class TokenToKVPool:
 
     def _release(self, arr: np.ndarray) -> None:
         """Free slots known to be allocated and distinct (checked, or the cache's own)."""
-        lib = self._lib
         n = arr.size
-        if lib is not None and n <= self.num_slots:
+        if self._lib is not None and n <= self.num_slots:
             self._scratch[:n] = arr
-            group = self._group
-            got = lib.rkv_release(self._head + _pack4(self._scratch_p, n, self._n_free,
-                                                      group is None))
-            if got < 0:
-                raise InvariantError(f"releasing {n} slots would overflow the free list: some "
-                                     "of them are free already")
-            self._n_free = got
-            if group is not None:
-                group.append(self._scratch[:n].copy())  # pushed when the group exits
+            self._release_staged(n)
             return
         self._state[arr] = _FREE
         if self._group is not None:
             self._group.append(arr.copy())  # pushed later: the caller may reuse its array
             return
         self._push(arr)
+
+    def _release_parts(self, parts: list[np.ndarray], total: int) -> None:
+        """`_release` of the concatenation of `parts` (`total` slots): one eviction's nodes."""
+        if self._lib is not None and total <= self.num_slots:
+            np.concatenate(parts, out=self._scratch[:total])  # staged without a temporary
+            self._release_staged(total)
+        else:
+            self._release(np.concatenate(parts))
+
+    def _release_staged(self, n: int) -> None:
+        """The compiled `_release` of the first n slots of `_scratch`."""
+        group = self._group
+        got = self._lib.rkv_release(self._head + _pack4(self._scratch_p, n, self._n_free,
+                                                        group is None))
+        if got < 0:
+            raise InvariantError(f"releasing {n} slots would overflow the free list: some of "
+                                 "them are free already")
+        self._n_free = got
+        if group is not None:
+            group.append(self._scratch[:n].copy())  # pushed when the group exits
 
     def _push(self, arr: np.ndarray) -> None:
         top = self._n_free

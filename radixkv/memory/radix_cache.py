@@ -302,7 +302,10 @@ class RadixCache:
             elif not parent.children and parent.namespace is not None:
                 del self._roots[parent.namespace]  # drop empty tenant roots
         if released:  # distinct and allocated by the tree's invariants (check_invariants verifies)
-            self.kv_pool._release(released[0] if nodes == 1 else np.concatenate(released))
+            if nodes == 1:
+                self.kv_pool._release(released[0])
+            else:
+                self.kv_pool._release_parts(released, freed)
         self._evictable -= freed
         self._node_count -= nodes
         self._evicted += freed
