@@ -7,6 +7,12 @@ read K/V through slot indices, so shared prefixes are read in place.
 Slot 0 is reserved: padded or dummy tokens write there, and it is never handed out. Usable slots are
 1..num_slots. The allocator lives on the CPU (a numpy stack and a bitmap); slot tensors it returns
 are CPU int64 tensors, which the engine moves to the device once per forward.
+
+Two implementations of the allocator share that state: a compiled one (csrc/slot_ops.cpp through
+`radixkv.memory.native`: each alloc, free, check or adoption is one call over the batch) and the
+numpy reference, used when the library cannot be built or `RADIXKV_TREE_KERNELS=0` (or
+`RADIXKV_CPU_KERNELS=0`) is set when the pool is made. Both give the same slots, the same errors
+and the same states; tests/test_tree_kernels.py checks that step by step.
 """
 
 from __future__ import annotations

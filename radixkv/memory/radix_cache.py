@@ -15,7 +15,9 @@ Invariants (`check_invariants` verifies every one of them):
 - the evictable-leaf index holds exactly the unlocked non-root nodes without children.
 
 Costs: matching and inserting compare whole node keys as bytes (memcmp) and find a mismatch with
-one vectorised scan; there is no per-token Python loop. Eviction pops from a sorted index of
+one scan (compiled, or vectorised numpy); there is no per-token Python loop. A match descends and
+touches the path in one pass; an insert descends without changing anything, has the pool check
+and adopt the new slots in one call, then changes the tree. Eviction pops from a sorted index of
 evictable leaves kept up to date incrementally, O(log n) per evicted node: a binary heap whose
 entries go stale instead of being removed (a node's `evict_key` is its one live entry), compacted
 once stale entries outnumber live ones.
@@ -126,8 +128,9 @@ class RadixCache:
         self._protected = 0
         self._node_count = 0
         self._query = self._hit = self._evicted = self._inserted = 0
-        lib = native.lib()  # the compiled split-point scan, else numpy's
+        lib = native.lib()  # the compiled split-point scan, else numpy's (same results)
         self._c_mismatch = lib.rkv_mismatch if lib is not None else None
+        self._lru = eviction_policy == "lru"
 
     # ---- public API -------------------------------------------------------------------------
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
@@ -464,12 +467,11 @@ class RadixCache:
         return page if hashed in node.children else hashed
 
     def _order_key(self, node: TreeNode) -> tuple[int, ...]:
-        return (node.last_access,) if self.eviction_policy == "lru" else (
-            node.hit_count, node.last_access)
+        return (node.last_access,) if self._lru else (node.hit_count, node.last_access)
 
     def _index_leaf(self, node: TreeNode) -> None:
         """(Re)enter an evictable leaf in the heap under its current order key."""
-        if self.eviction_policy == "lru":
+        if self._lru:
             entry: tuple[Any, ...] = (node.last_access, next(self._seq), node)
         else:
             entry = (node.hit_count, node.last_access, next(self._seq), node)
