@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,21 @@ def path_of(node: TreeNode) -> tuple[int, ...]:
         out[:0] = node.tokens.tolist()
         node = node.parent
     return tuple(out)
+
+
+@contextmanager
+def tree_kernels(value: str | None) -> Iterator[None]:
+    """Build pools and caches inside with RADIXKV_TREE_KERNELS=value ("0": the numpy reference
+    allocator, "1": the compiled one where it builds); None leaves the environment alone."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get("RADIXKV_TREE_KERNELS")
+    os.environ["RADIXKV_TREE_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RADIXKV_TREE_KERNELS"]
+        else:
+            os.environ["RADIXKV_TREE_KERNELS"] = old

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import assert_no_leak, path_of
+from conftest import assert_no_leak, path_of, tree_kernels
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -68,6 +68,7 @@ class RadixMachine(RuleBasedStateMachine):
     """One random run: page size and eviction policy are drawn first, then the operations."""
 
     hash_fn: Any = None  # a replacement for RadixCache._hash_key, to force hash collisions
+    tree_kernels: str | None = None  # RADIXKV_TREE_KERNELS while building ("0": numpy reference)
 
     @initialize(page_size=st.sampled_from([1, 2]), policy=st.sampled_from(["lru", "lfu"]),
                 warm=st.lists(st.tuples(ns_st, st.lists(st.integers(0, 3), min_size=1,
@@ -78,9 +79,10 @@ class RadixMachine(RuleBasedStateMachine):
             page_size = 2  # hashing (and so collisions) only happens for pages of 2+ tokens
         self.page_size = page_size
         self.policy = policy
-        self.pool = TokenToKVPool(NUM_SLOTS, num_layers=1, num_kv_heads=1, head_dim=1)
-        self.cache = RadixCache(self.pool, page_size=self.page_size,
-                                eviction_policy=self.policy)
+        with tree_kernels(self.tree_kernels):
+            self.pool = TokenToKVPool(NUM_SLOTS, num_layers=1, num_kv_heads=1, head_dim=1)
+            self.cache = RadixCache(self.pool, page_size=self.page_size,
+                                    eviction_policy=self.policy)
         if self.hash_fn is not None:
             self.cache._hash_key = self.hash_fn  # type: ignore[method-assign]
         self.cached: dict[Key, tuple[int, ...]] = {}  # page-prefix -> its last page's slots
@@ -467,3 +469,14 @@ TestRadixCacheAgainstModel = RadixMachine.TestCase
 TestRadixCacheAgainstModel.settings = SETTINGS
 TestRadixCacheHashCollisions = HashCollisionMachine.TestCase
 TestRadixCacheHashCollisions.settings = settings(SETTINGS, max_examples=max(_EXAMPLES // 2, 1))
+
+
+class ReferencePathMachine(RadixMachine):
+    """The same model check on the numpy reference allocator (the default run above uses the
+    compiled one wherever it builds), so both paths meet every assertion."""
+
+    tree_kernels = "0"
+
+
+TestRadixCacheReferencePath = ReferencePathMachine.TestCase
+TestRadixCacheReferencePath.settings = settings(SETTINGS, max_examples=max(_EXAMPLES // 2, 1))

@@ -12,21 +12,30 @@ With `kv_cache_dtype="int8"` or `"fp8_e4m3"` the buffers hold quantized codes pl
 scale per (slot, KV head) (`radixkv.memory.kv_quant`): `set_kv` quantizes as it writes, and the
 attention kernels read codes and scales (`get_kv_buffer`, `get_kv_scales`), dequantizing inside
 the kernel.
+
+Two implementations of the allocator share that state: a compiled one (csrc/slot_ops.cpp through
+`radixkv.memory.native`: each alloc, free, check or adoption is one call over the batch) and the
+numpy reference, used when the library cannot be built or `RADIXKV_TREE_KERNELS=0` (or
+`RADIXKV_CPU_KERNELS=0`) is set when the pool is made. Both give the same slots, the same errors
+and the same states; tests/test_tree_kernels.py checks that step by step.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from radixkv.errors import InvalidSlotError, OutOfSlotsError
-from radixkv.memory import kv_quant
+from radixkv.errors import InvalidSlotError, InvariantError, OutOfSlotsError
+from radixkv.memory import kv_quant, native
 from radixkv.memory.kv_size import kv_bytes_per_token  # noqa: F401  (re-exported)
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
+_pack4 = struct.Struct("<4q").pack
+_pack6 = struct.Struct("<6q").pack
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
 
 # A faster quantize-and-store for set_kv: fn(src [n, H, D], slots [n], codes [rows, H, D],
@@ -126,6 +135,15 @@ class TokenToKVPool:
         self._stamp = np.zeros(num_slots + 1, dtype=np.int64)  # scratch for repeat detection
         self._iota = np.arange(num_slots + 1, dtype=np.int64)
         self._group: list[np.ndarray] | None = None
+        # The compiled allocator path (radixkv.memory.native), chosen once per pool; None runs
+        # the numpy reference. It works on fixed buffers whose addresses are taken here once;
+        # `_scratch` stages a batch of slots.
+        self._lib = native.lib()
+        if self._lib is not None:
+            self._scratch = np.empty(num_slots, dtype=np.int64)
+            self._scratch_p = self._scratch.ctypes.data
+            # Each call's record starts with these fixed fields (see csrc/slot_ops.cpp).
+            self._head = _pack4(self._state.ctypes.data, self._stack.ctypes.data, 0, num_slots)
         self.clear()
 
     # ---- allocator -------------------------------------------------------------------------
@@ -150,6 +168,11 @@ class TokenToKVPool:
         if n > self._n_free:
             raise OutOfSlotsError(f"asked for {n} KV slots but only {self._n_free} of "
                                   f"{self.num_slots} are free")
+        lib = self._lib
+        if lib is not None:
+            self._n_free = lib.rkv_alloc(self._head + _pack4(self._scratch_p, n, self._n_free,
+                                                             _USED))
+            return torch.from_numpy(self._scratch[:n].copy())
         top = self._n_free
         out = self._stack[top - n:top][::-1].copy()
         self._n_free = top - n
@@ -162,11 +185,47 @@ class TokenToKVPool:
         Raises `InvalidSlotError` for slot 0, an out-of-range slot, a slot that is already free,
         or a slot listed twice; in every such case nothing is freed.
         """
+        lib = self._lib
+        if lib is not None:
+            n, ptr = self._stage(slots)
+            if n == 0:
+                return
+            if ptr:
+                group = self._group
+                got = lib.rkv_free(self._head + _pack4(ptr, n, self._n_free, group is None))
+                if got >= 0:
+                    if group is None:
+                        self._n_free = got
+                    else:  # pushed when the group exits
+                        group.append(self._scratch[:n].copy() if ptr == self._scratch_p
+                                     else as_slot_array(slots).copy())
+                    return
+            self._raise_bad(as_slot_array(slots), distinct=True)
         arr = as_slot_array(slots)
         if arr.size == 0:
             return
         self._check_used(arr, distinct=True)
         self._release(arr)
+
+    def _stage(self, slots: SlotsLike) -> tuple[int, int]:
+        """(length, address of the slots as contiguous int64) for the compiled path.
+
+        A contiguous CPU int64 tensor is read in place; anything else is copied into
+        `_scratch`. The address is 0 when the slots cannot be valid (more than num_slots, or not
+        integers), so the caller goes straight to the error path.
+        """
+        if (type(slots) is torch.Tensor and slots.dtype is torch.int64 and slots.is_cpu
+                and slots.is_contiguous()):
+            return slots.numel(), slots.data_ptr()
+        try:
+            arr = as_slot_array(slots)
+        except InvalidSlotError:
+            return 1, 0
+        n = arr.size
+        if n > self.num_slots:
+            return n, 0
+        self._scratch[:n] = arr
+        return n, self._scratch_p
 
     def _check_used(self, arr: np.ndarray, distinct: bool = False) -> None:
         """Raise `InvalidSlotError` unless every slot in `arr` is allocated to a caller (not free,
@@ -177,29 +236,70 @@ class TokenToKVPool:
         found in O(n) by stamping each slot with its position and reading the stamps back.
         """
         n = arr.size
+        lib = self._lib
+        if lib is not None:
+            if n == 0:
+                return
+            if n <= self.num_slots:
+                self._scratch[:n] = arr
+                p = self._scratch_p
+                if not lib.rkv_take(self._head + _pack6(p, n, p, _USED, _USED, distinct)):
+                    return
+            self._raise_bad(arr, distinct)
         ok = np.maximum.reduce((arr - 1).view(np.uint64)) < self.num_slots
         ok = ok and np.count_nonzero(self._state[arr] != _USED) == 0
         if ok and distinct and n > 1:
             iota = self._iota[:n]
             self._stamp[arr] = iota  # a repeated slot keeps only its last position
             if np.count_nonzero(self._stamp[arr] != iota):
-                ordered = np.sort(arr)
-                same = ordered[1:] == ordered[:-1]
-                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
+                self._raise_bad(arr, distinct)
         if not ok:
-            for slot in arr.tolist():  # error path only: name the first bad slot
-                if not 0 < slot <= self.num_slots:
-                    what = "slot 0 is reserved" if slot == 0 else f"slot {slot} is out of range"
-                    raise InvalidSlotError(f"{what} (usable slots are 1..{self.num_slots})")
-                if self._state[slot] == _FREE:
-                    raise InvalidSlotError(f"KV slot {slot} is not allocated (double free?)")
-                if self._state[slot] == _TREE:
-                    raise InvalidSlotError(f"KV slot {slot} is held by the prefix cache")
-            raise AssertionError("unreachable")
+            self._raise_bad(arr, distinct)
+
+    def _raise_bad(self, arr: np.ndarray, distinct: bool) -> None:
+        """Error path only: raise `InvalidSlotError` naming the first bad slot of `arr`."""
+        for slot in arr.tolist():
+            if not 0 < slot <= self.num_slots:
+                what = "slot 0 is reserved" if slot == 0 else f"slot {slot} is out of range"
+                raise InvalidSlotError(f"{what} (usable slots are 1..{self.num_slots})")
+            if self._state[slot] == _FREE:
+                raise InvalidSlotError(f"KV slot {slot} is not allocated (double free?)")
+            if self._state[slot] == _TREE:
+                raise InvalidSlotError(f"KV slot {slot} is held by the prefix cache")
+        if distinct:
+            ordered = np.sort(arr)
+            same = ordered[1:] == ordered[:-1]
+            if same.any():
+                raise InvalidSlotError(f"KV slot {int(ordered[1:][same][0])} is listed twice")
+        raise AssertionError("unreachable: no bad slot found")
 
     def _adopt(self, arr: np.ndarray) -> None:
         """Mark slots (already checked with `_check_used(distinct=True)`) as the cache's own."""
         self._state[arr] = _TREE
+
+    def _take(self, slots: SlotsLike, start: int, stop: int) -> np.ndarray:
+        """Adopt `slots[start:stop]` for the prefix cache and return them as a new int64 array.
+
+        One step for `RadixCache.insert`: raises `InvalidSlotError` (changing nothing) unless
+        each of them is the caller's and none is listed twice, then marks them cache-held.
+        """
+        lib = self._lib
+        k = stop - start
+        if lib is not None and 0 < k <= self.num_slots:
+            # A contiguous tensor's elements in memory order are its reshape(-1): read in place.
+            if (type(slots) is torch.Tensor and slots.dtype is torch.int64 and slots.is_cpu
+                    and slots.is_contiguous()):
+                src = slots.data_ptr() + 8 * start
+            else:
+                self._scratch[:k] = as_slot_array(slots)[start:stop]
+                src = self._scratch_p
+            if not lib.rkv_take(self._head + _pack6(src, k, self._scratch_p, _USED, _TREE, 1)):
+                return self._scratch[:k].copy()
+            self._raise_bad(as_slot_array(slots)[start:stop], distinct=True)
+        arr = as_slot_array(slots)[start:stop]
+        self._check_used(arr, distinct=True)
+        self._adopt(arr)
+        return arr.copy()
 
     def num_cache_held(self) -> int:
         """Slots currently held by the prefix cache (O(num_slots); for invariant checks)."""
@@ -207,11 +307,36 @@ class TokenToKVPool:
 
     def _release(self, arr: np.ndarray) -> None:
         """Free slots known to be allocated and distinct (checked, or the cache's own)."""
+        n = arr.size
+        if self._lib is not None and n <= self.num_slots:
+            self._scratch[:n] = arr
+            self._release_staged(n)
+            return
         self._state[arr] = _FREE
         if self._group is not None:
             self._group.append(arr.copy())  # pushed later: the caller may reuse its array
             return
         self._push(arr)
+
+    def _release_parts(self, parts: list[np.ndarray], total: int) -> None:
+        """`_release` of the concatenation of `parts` (`total` slots): one eviction's nodes."""
+        if self._lib is not None and total <= self.num_slots:
+            np.concatenate(parts, out=self._scratch[:total])  # staged without a temporary
+            self._release_staged(total)
+        else:
+            self._release(np.concatenate(parts))
+
+    def _release_staged(self, n: int) -> None:
+        """The compiled `_release` of the first n slots of `_scratch`."""
+        group = self._group
+        got = self._lib.rkv_release(self._head + _pack4(self._scratch_p, n, self._n_free,
+                                                        group is None))
+        if got < 0:
+            raise InvariantError(f"releasing {n} slots would overflow the free list: some of "
+                                 "them are free already")
+        self._n_free = got
+        if group is not None:
+            group.append(self._scratch[:n].copy())  # pushed when the group exits
 
     def _push(self, arr: np.ndarray) -> None:
         top = self._n_free

@@ -15,21 +15,27 @@ Invariants (`check_invariants` verifies every one of them):
 - the evictable-leaf index holds exactly the unlocked non-root nodes without children.
 
 Costs: matching and inserting compare whole node keys as bytes (memcmp) and find a mismatch with
-one vectorised scan; there is no per-token Python loop. Eviction pops from a sorted index of
-evictable leaves kept up to date incrementally, O(log n) per evicted node.
+one scan (compiled, or vectorised numpy); there is no per-token Python loop. A match descends and
+touches the path in one pass; an insert descends without changing anything, has the pool check
+and adopt the new slots in one call, then changes the tree. Eviction pops from a sorted index of
+evictable leaves kept up to date incrementally, O(log n) per evicted node: a binary heap whose
+entries go stale instead of being removed (a node's `evict_key` is its one live entry), compacted
+once stale entries outnumber live ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
+from heapq import heapify, heappop, heappush
+from itertools import count
 from typing import Any
 
 import numpy as np
 import torch
 import xxhash
-from sortedcontainers import SortedDict
 
 from radixkv.errors import InvalidSlotError, InvariantError, LockError
+from radixkv.memory import native
 from radixkv.memory.base_cache import (
     CacheNode,
     CacheStats,
@@ -44,6 +50,7 @@ from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
 from radixkv.memory.tree_text import format_tree
 
 _TOK = 4  # bytes per token in keys (int32)
+_I32 = np.dtype(np.int32)
 _EMPTY_SLOTS = np.empty(0, dtype=np.int64)
 
 
@@ -63,7 +70,7 @@ class TreeNode(CacheNode):
         self.lock_ref = 0
         self.last_access = 0
         self.hit_count = 0
-        self.evict_key: Any = None  # key in the evictable-leaf index, None when not in it
+        self.evict_key: Any = None  # its entry in the evictable-leaf heap, None when not in it
         self.namespace = namespace
 
     @property
@@ -112,7 +119,10 @@ class RadixCache(PrefixCache):
         self._page_bytes = page_size * _TOK
         self._roots: dict[Namespace, TreeNode] = {}
         self._null_root = TreeNode(b"", _EMPTY_SLOTS, None, None, None)  # handle for misses
-        self._leaves = SortedDict()  # evict_key -> node, for unlocked leaves
+        # Evictable-leaf heap: entries (order key..., seq, node); live iff node.evict_key is it.
+        self._heap: list[tuple[Any, ...]] = []
+        self._n_leaves = 0
+        self._seq = count()
         self._tick = 0
         self._evictable = 0
         self._protected = 0
@@ -122,6 +132,9 @@ class RadixCache(PrefixCache):
         # about to be evicted, while its slots (and its ancestors') still hold its KV: the KV
         # tiers write evicted prefixes back this way.
         self.evict_hook: Callable[[Namespace, np.ndarray, np.ndarray, int], None] | None = None
+        lib = native.lib()  # the compiled split-point scan, else numpy's (same results)
+        self._c_mismatch = lib.rkv_mismatch if lib is not None else None
+        self._lru = eviction_policy == "lru"
 
     # ---- public API -------------------------------------------------------------------------
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
@@ -133,23 +146,52 @@ class RadixCache(PrefixCache):
         of page_size and at most len(tokens). `record=False` leaves the query/hit counters of
         `stats()` alone (for an engine's own bookkeeping lookups, e.g. ordering its queue).
         """
-        arr = as_token_array(tokens)
+        # tobytes() below copies any int32 vector in order, so only the dtype needs checking
+        arr = tokens if (type(tokens) is np.ndarray and tokens.dtype is _I32
+                         and tokens.ndim == 1) else as_token_array(tokens)
+        total = len(arr)
         if record:
-            self._query += len(arr)
-        n = len(arr) // self.page_size * self.page_size
+            self._query += total
+        n = total // self.page_size * self.page_size
         root = self._roots.get(namespace)
         if root is None or n == 0:
             return MatchResult(torch.from_numpy(_EMPTY_SLOTS),
                                root if root is not None else self._null_root, 0)
-        tb = arr[:n].tobytes()
-        path, length, partial, cut = self._descend(root, tb)
-        node, values = self._apply(root, path, partial, cut, count_hit=record)
+        tb = arr[:n].tobytes() if n < total else arr.tobytes()
+        # Descend and touch in one pass (nothing here can fail half-way).
+        node, pos, values, tick = root, 0, [], self._tick
+        page1 = self.page_size == 1
+        children = root.children
+        while pos < n and children:
+            at = pos * _TOK
+            child = children.get(tb[at:at + _TOK]) if page1 else self._get_child(node, tb, pos)
+            if child is None:
+                break
+            key = child.key
+            end = at + len(key)
+            if tb[at:end] != key:
+                cut = self._mismatch(key, tb[at:end]) // self.page_size * self.page_size
+                if not cut:
+                    break
+                child = self._split(child, cut)
+                end = at + cut * _TOK
+            tick += 1
+            child.last_access = tick
+            if record:
+                child.hit_count += 1
+            if child.evict_key is not None:
+                self._index_leaf(child)
+            values.append(child.value)
+            node, pos, children = child, end // _TOK, child.children
+            if end - at != len(key):  # split: the match ends inside the old node
+                break
+        self._tick = tick
         if record:
-            self._hit += length
+            self._hit += pos
         # a copy either way: the caller must never alias the tree's arrays
         slots = values[0].copy() if len(values) == 1 else (
             np.concatenate(values) if values else _EMPTY_SLOTS)
-        return MatchResult(torch.from_numpy(slots), node, length)
+        return MatchResult(torch.from_numpy(slots), node, pos)
 
     def insert(self, tokens: TokensLike, slots: Any, namespace: Namespace = None) -> int:
         """Cache the page-aligned part of `tokens` with `slots`; returns the cached length before.
@@ -158,30 +200,53 @@ class RadixCache(PrefixCache):
         passed for positions that were already cached stay the caller's to free. Raises
         `InvalidSlotError` (changing nothing) if the lengths differ or a slot is not allocated.
         """
-        arr = as_token_array(tokens)
-        sl = as_slot_array(slots)
-        if len(sl) != len(arr):
-            raise InvalidSlotError(f"insert: {len(arr)} tokens but {len(sl)} slots")
-        n = len(arr) // self.page_size * self.page_size
+        arr = tokens if (type(tokens) is np.ndarray and tokens.dtype is _I32
+                         and tokens.ndim == 1) else as_token_array(tokens)
+        if type(slots) is torch.Tensor and slots.dtype == torch.int64:
+            sl, n_slots = slots, slots.numel()  # the pool reads it in place
+        else:
+            sl = as_slot_array(slots)
+            n_slots = sl.size
+        total = len(arr)
+        if n_slots != total:
+            raise InvalidSlotError(f"insert: {total} tokens but {n_slots} slots")
+        n = total // self.page_size * self.page_size
         if n == 0:
             return 0
-        sl = sl[:n]
-        tb = arr[:n].tobytes()
+        tb = arr[:n].tobytes() if n < total else arr.tobytes()
         root = self._roots.get(namespace)
         path, pos, partial, cut = self._descend(root, tb) if root is not None else ([], 0, None, 0)
-        if pos < n:  # validate what the tree would adopt before changing anything
-            self.kv_pool._check_used(sl[pos:], distinct=True)
+        # Validate and adopt what the tree takes before changing the tree: a bad slot raises
+        # with nothing changed, and nothing after this can fail.
+        adopted = self.kv_pool._take(sl, pos, n) if pos < n else None
         if root is None:  # created only now: a failed insert leaves no empty tenant root
             root = self._root(namespace)
-        node, _ = self._apply(root, path, partial, cut, count_hit=False)
-        if pos < n:
-            adopted = sl[pos:].copy()
-            self.kv_pool._adopt(adopted)
+        tick = self._tick
+        for node in path:  # an insert counts as a use of the whole path
+            tick += 1
+            node.last_access = tick
+            if node.evict_key is not None:
+                self._index_leaf(node)
+        node = path[-1] if path else root
+        if partial is not None:
+            node = self._split(partial, cut)
+            tick += 1
+            node.last_access = tick
+        if adopted is not None:
             leaf_key = tb[pos * _TOK:]
-            leaf = TreeNode(leaf_key, adopted, node, self._free_child_key(node, leaf_key),
-                            node.namespace)
-            self._attach(node, leaf)
+            ck = leaf_key[:_TOK] if self.page_size == 1 else self._free_child_key(node, leaf_key)
+            leaf = TreeNode(leaf_key, adopted, node, ck, node.namespace)
+            if node.evict_key is not None:  # node stops being a leaf
+                node.evict_key = None
+                self._n_leaves -= 1
+            node.children[ck] = leaf
+            self._node_count += 1
+            self._evictable += n - pos
             self._inserted += n - pos
+            tick += 1
+            leaf.last_access = tick
+            self._index_leaf(leaf)
+        self._tick = tick
         return pos
 
     def lock(self, node: TreeNode) -> None:
@@ -194,8 +259,8 @@ class RadixCache(PrefixCache):
                 self._evictable -= size
                 self._protected += size
                 if node.evict_key is not None:
-                    del self._leaves[node.evict_key]
-                    node.evict_key = None
+                    node.evict_key = None  # its heap entry goes stale
+                    self._n_leaves -= 1
             node.lock_ref += 1
             node = node.parent
 
@@ -221,21 +286,24 @@ class RadixCache(PrefixCache):
         A parent becomes a candidate once its last child is gone. Stops early when nothing is
         evictable; returns the number of tokens freed (may exceed `num_tokens`).
         """
-        freed = 0
+        freed = nodes = 0
         released: list[np.ndarray] = []
-        leaves = self._leaves
-        while freed < num_tokens and leaves:
-            _, node = leaves.popitem(0)
+        heap = self._heap
+        while freed < num_tokens and self._n_leaves:
+            entry = heappop(heap)
+            node = entry[-1]
+            if node.evict_key is not entry:
+                continue  # stale: the node was touched, locked or evicted since
             node.evict_key = None
+            self._n_leaves -= 1
             if self.evict_hook is not None:
                 self._report_eviction(node)
             parent = node.parent
             del parent.children[node.child_key]
-            size = len(node.value)
-            released.append(node.value)
-            freed += size
-            self._evictable -= size
-            self._node_count -= 1
+            value = node.value
+            released.append(value)
+            freed += len(value)
+            nodes += 1
             node.key = None
             if parent.parent is not None:
                 if not parent.children and parent.lock_ref == 0:
@@ -243,7 +311,12 @@ class RadixCache(PrefixCache):
             elif not parent.children and parent.namespace is not None:
                 del self._roots[parent.namespace]  # drop empty tenant roots
         if released:  # distinct and allocated by the tree's invariants (check_invariants verifies)
-            self.kv_pool._release(released[0] if len(released) == 1 else np.concatenate(released))
+            if nodes == 1:
+                self.kv_pool._release(released[0])
+            else:
+                self.kv_pool._release_parts(released, freed)
+        self._evictable -= freed
+        self._node_count -= nodes
         self._evicted += freed
         return freed
 
@@ -289,7 +362,8 @@ class RadixCache(PrefixCache):
         for node, _ in self.walk():
             node.key = None
         self._roots.clear()
-        self._leaves.clear()
+        self._heap.clear()
+        self._n_leaves = 0
         self._tick = self._evictable = self._protected = self._node_count = 0
         self._query = self._hit = self._evicted = self._inserted = 0
 
@@ -320,14 +394,15 @@ class RadixCache(PrefixCache):
         def fail(msg: str) -> None:
             raise InvariantError(f"RadixCache invariant broken: {msg}")
 
-        evictable = protected = count = 0
+        evictable = protected = nodes = 0
         leaves: set[int] = set()
         values = []
+        live = {id(e) for e in self._heap if e[-1].evict_key is e}
         for ns, root in self._roots.items():
             if root.parent is not None or root.namespace != ns or len(root.value):
                 fail(f"root of namespace {ns!r} is malformed")
         for node, _ in self.walk():
-            count += 1
+            nodes += 1
             if node.key is None:
                 fail("an evicted node is still in the tree")
             size = len(node.value)
@@ -352,19 +427,21 @@ class RadixCache(PrefixCache):
             else:
                 protected += size
             is_leaf = node.lock_ref == 0 and not node.children
-            if is_leaf != (node.evict_key is not None) or (
-                    is_leaf and self._leaves.get(node.evict_key) is not node):
+            entry = node.evict_key
+            if is_leaf != (entry is not None) or (is_leaf and (
+                    id(entry) not in live or entry[:-2] != self._order_key(node))):
                 fail("evictable-leaf index is out of date")
             if is_leaf:
                 leaves.add(id(node))
             values.append(node.value)
-        if len(leaves) != len(self._leaves):
-            fail(f"evictable-leaf index holds {len(self._leaves)} nodes, tree has {len(leaves)}")
+        if not len(leaves) == len(live) == self._n_leaves:
+            fail(f"evictable-leaf index holds {len(live)} nodes (counter {self._n_leaves}), "
+                 f"tree has {len(leaves)}")
         if (evictable, protected) != (self._evictable, self._protected):
             fail(f"counters say evictable={self._evictable} protected={self._protected}, "
                  f"tree has {evictable} and {protected}")
-        if count != self._node_count:
-            fail(f"node counter {self._node_count} != {count} nodes")
+        if nodes != self._node_count:
+            fail(f"node counter {self._node_count} != {nodes} nodes")
         slots = np.concatenate(values) if values else _EMPTY_SLOTS
         if np.unique(slots).size != slots.size:
             fail("a slot is held by two nodes")
@@ -405,25 +482,29 @@ class RadixCache(PrefixCache):
         hashed = self._hash_key(page)
         return page if hashed in node.children else hashed
 
-    def _touch(self, node: TreeNode, count_hit: bool) -> None:
-        self._tick += 1
-        node.last_access = self._tick
-        if count_hit:
-            node.hit_count += 1
-        if node.evict_key is not None:
-            del self._leaves[node.evict_key]
-            self._index_leaf(node)
+    def _order_key(self, node: TreeNode) -> tuple[int, ...]:
+        return (node.last_access,) if self._lru else (node.hit_count, node.last_access)
 
     def _index_leaf(self, node: TreeNode) -> None:
-        key = node.last_access if self.eviction_policy == "lru" else (
-            node.hit_count, node.last_access)
-        if key in self._leaves:  # two leaves share a tick only after a split; order them apart
-            self._tick += 1
-            node.last_access = self._tick
-            key = node.last_access if self.eviction_policy == "lru" else (
-                node.hit_count, node.last_access)
-        node.evict_key = key
-        self._leaves[key] = node
+        """(Re)enter an evictable leaf in the heap under its current order key."""
+        if self._lru:
+            entry: tuple[Any, ...] = (node.last_access, next(self._seq), node)
+        else:
+            entry = (node.hit_count, node.last_access, next(self._seq), node)
+        if node.evict_key is None:
+            self._n_leaves += 1
+        node.evict_key = entry  # an older entry of this node goes stale
+        heap = self._heap
+        heappush(heap, entry)
+        if len(heap) > 2 * self._n_leaves + 64:  # mostly stale: rebuild from the live ones
+            heap[:] = [e for e in heap if e[-1].evict_key is e]
+            heapify(heap)
+
+    def _mismatch(self, a: bytes, b: bytes) -> int:
+        """Number of leading tokens on which two keys agree."""
+        if self._c_mismatch is not None:
+            return self._c_mismatch(a, b, min(len(a), len(b)) // _TOK)
+        return _first_mismatch(a, b)
 
     def _descend(self, root: TreeNode, tb: bytes
                  ) -> tuple[list[TreeNode], int, TreeNode | None, int]:
@@ -434,8 +515,12 @@ class RadixCache(PrefixCache):
         """
         node, pos, n = root, 0, len(tb) // _TOK
         path: list[TreeNode] = []
+        page1 = self.page_size == 1
         while pos < n:
-            child = self._get_child(node, tb, pos)
+            if page1:
+                child = node.children.get(tb[pos * _TOK:pos * _TOK + _TOK])
+            else:
+                child = self._get_child(node, tb, pos)
             if child is None:
                 break
             size = len(child.value)
@@ -444,27 +529,11 @@ class RadixCache(PrefixCache):
                 path.append(child)
                 node, pos = child, pos + size
                 continue
-            cut = _first_mismatch(child.key, seg) // self.page_size * self.page_size
+            cut = self._mismatch(child.key, seg) // self.page_size * self.page_size
             if cut:
                 return path, pos + cut, child, cut
             break
         return path, pos, None, 0
-
-    def _apply(self, root: TreeNode, path: list[TreeNode], partial: TreeNode | None, cut: int,
-               count_hit: bool) -> tuple[TreeNode, list[np.ndarray]]:
-        """Touch the matched path (LRU time, hits) and split `partial` after `cut` tokens.
-
-        Returns the node the match ends at and the slot arrays along the path.
-        """
-        for node in path:
-            self._touch(node, count_hit)
-        values = [node.value for node in path]
-        node = path[-1] if path else root
-        if partial is not None:
-            node = self._split(partial, cut)
-            self._touch(node, count_hit)
-            values.append(node.value)
-        return node, values
 
     def _split(self, child: TreeNode, m: int) -> TreeNode:
         """Cut `child` after `m` tokens; returns the new upper node (same lock count)."""
@@ -482,16 +551,6 @@ class RadixCache(PrefixCache):
         upper.children[child.child_key] = child
         self._node_count += 1
         return upper
-
-    def _attach(self, parent: TreeNode, leaf: TreeNode) -> None:
-        if parent.evict_key is not None:  # parent stops being a leaf
-            del self._leaves[parent.evict_key]
-            parent.evict_key = None
-        parent.children[leaf.child_key] = leaf
-        self._node_count += 1
-        self._evictable += len(leaf.value)
-        self._touch(leaf, count_hit=False)
-        self._index_leaf(leaf)
 
     def __repr__(self) -> str:
         return (f"RadixCache(nodes={self._node_count}, total={self.total_size()}, "
