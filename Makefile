@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/serve_demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check radixkv tests bench examples
