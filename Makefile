@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check radixkv tests bench examples
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest

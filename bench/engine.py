@@ -44,9 +44,9 @@ def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: int) -> dict[str,
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - start
-    ttfts = sorted(o["ttft_s"] for o in outs)
+    ttfts = sorted(o.metrics.ttft for o in outs)
     return {"wall": wall, "req_s": len(prompts) / wall,
-            "tok_s": sum(len(o["token_ids"]) for o in outs) / wall,
+            "tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
             "ttft_p50": statistics.median(ttfts), "ttft_max": ttfts[-1],
             "prefill": llm.cache_stats()["prefill_tokens_computed"] - before}
 

@@ -48,7 +48,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         print(f"--- turn {turn + 1}: {len(users)} users in one batch, {wall:.2f} s")
         for u, out in zip(users, outs, strict=True):
-            answer = out["text"].strip()
+            answer = out.outputs[0].text.strip()
             chats[u].append({"role": "assistant", "content": answer})
             print(f"[{u}] {USERS[u][turn]}")
             print(f"  -> {answer}")

@@ -106,21 +106,22 @@ def main(argv: list[str] | None = None) -> None:
     on, wall_on, computed_on = runs["cache on"]
     off, wall_off, computed_off = runs["cache off"]
 
-    prompt_tokens = sum(len(o["prompt_token_ids"]) for o in on)
-    print(f"\n{len(convs)} questions about a {len(on[0]['prompt_token_ids'])}-token prompt "
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in on)
+    print(f"\n{len(convs)} questions about a {len(on[0].prompt_token_ids)}-token prompt "
           f"(shared system message + document), submitted together; greedy, at most "
           f"{args.max_tokens} new tokens each\n")
     for q, o, b in zip(QUESTIONS, on, off, strict=False):
-        print(f"Q: {q}\nA: {o['text'].strip()!r}")
-        print(f"   cached {o['cached_tokens']} of {len(o['prompt_token_ids'])} prompt tokens; "
-              f"ttft {1000 * o['ttft_s']:.0f} ms (cache off: {1000 * b['ttft_s']:.0f} ms)")
-    same = sum(o["token_ids"] == b["token_ids"] for o, b in zip(on, off, strict=True))
+        print(f"Q: {q}\nA: {o.outputs[0].text.strip()!r}")
+        print(f"   cached {o.num_cached_tokens} of {len(o.prompt_token_ids)} prompt tokens; "
+              f"ttft {1000 * o.metrics.ttft:.0f} ms (cache off: {1000 * b.metrics.ttft:.0f} ms)")
+    same = sum(o.outputs[0].token_ids == b.outputs[0].token_ids
+               for o, b in zip(on, off, strict=True))
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b > 0 else "n/a"
 
-    ttft_on = max(o["ttft_s"] for o in on)
-    ttft_off = max(o["ttft_s"] for o in off)
+    ttft_on = max(o.metrics.ttft for o in on)
+    ttft_off = max(o.metrics.ttft for o in off)
     print(f"\n{'':<30}{'cache on':>12}{'cache off':>12}{'off / on':>10}")
     print(f"{'prompt tokens':<30}{prompt_tokens:>12}{prompt_tokens:>12}")
     print(f"{'prefill tokens computed':<30}{computed_on:>12}{computed_off:>12}"

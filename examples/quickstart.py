@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     print("== generate: two prompts in one batch")
     prompts = ["The three primary colors are", "Water boils at sea level at a temperature of"]
     for prompt, out in zip(prompts, llm.generate(prompts, greedy), strict=True):
-        print(f"{prompt!r}\n  -> {out['text']!r}")
-        print(f"     {len(out['prompt_token_ids'])} prompt tokens, {len(out['token_ids'])} new, "
-              f"finish_reason={out['finish_reason']}, {out['latency_s']:.2f} s")
+        print(f"{prompt!r}\n  -> {out.outputs[0].text!r}")
+        print(f"     {len(out.prompt_token_ids)} prompt tokens, "
+              f"{len(out.outputs[0].token_ids)} new, "
+              f"finish_reason={out.outputs[0].finish_reason}, {out.metrics.latency:.2f} s")
 
     # 2. chat(): the model's chat template is applied to a list of {"role", "content"} messages.
     print("\n== chat: two conversations with the same system prompt, one after the other")
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         conversation = [{"role": "system", "content": SYSTEM},
                         {"role": "user", "content": question}]
         out = llm.chat(conversation, greedy)[0]
-        print(f"user: {question}\n  assistant: {out['text'].strip()}")
-        print(f"  cached_tokens={out['cached_tokens']} of {len(out['prompt_token_ids'])} prompt "
-              f"tokens, time to first token {1000 * out['ttft_s']:.0f} ms")
+        print(f"user: {question}\n  assistant: {out.outputs[0].text.strip()}")
+        print(f"  cached_tokens={out.num_cached_tokens} of {len(out.prompt_token_ids)} prompt "
+              f"tokens, time to first token {1000 * out.metrics.ttft:.0f} ms")
 
     # 3. stream(): text pieces as they are decoded; temperature > 0 samples, the seed repeats it.
     print("\n== stream: a sampled answer, printed piece by piece")

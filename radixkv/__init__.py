@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LLM": "radixkv.llm",
+    "LLM": "radixkv.serving.llm",
+    "AsyncLLM": "radixkv.serving.async_llm",
     "SamplingParams": "radixkv.engine.sampling_params",
+    "RequestOutput": "radixkv.engine.outputs",
+    "CompletionOutput": "radixkv.engine.outputs",
+    "RequestMetrics": "radixkv.engine.outputs",
     "CacheStats": "radixkv.memory.base_cache",
     "MatchResult": "radixkv.memory.base_cache",
     "NaiveCache": "radixkv.memory.naive_cache",
@@ -28,19 +32,22 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "LLM", "CacheStats", "MatchResult", "NaiveCache", "RadixCache", "ReqToTokenPool",
-    "SamplingParams", "TokenToKVPool", "__version__", "errors",
+    "LLM", "AsyncLLM", "CacheStats", "CompletionOutput", "MatchResult", "NaiveCache",
+    "RadixCache", "ReqToTokenPool", "RequestMetrics", "RequestOutput", "SamplingParams",
+    "TokenToKVPool", "__version__", "errors",
 ]
 
 if TYPE_CHECKING:
     from radixkv import errors
+    from radixkv.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
     from radixkv.engine.sampling_params import SamplingParams
-    from radixkv.llm import LLM
     from radixkv.memory.base_cache import CacheStats, MatchResult
     from radixkv.memory.kv_pool import TokenToKVPool
     from radixkv.memory.naive_cache import NaiveCache
     from radixkv.memory.radix_cache import RadixCache
     from radixkv.memory.req_pool import ReqToTokenPool
+    from radixkv.serving.async_llm import AsyncLLM
+    from radixkv.serving.llm import LLM
 
 
 def __getattr__(name: str) -> Any:

@@ -41,5 +41,11 @@ class ModelLoadError(RadixKVError):
 
 
 class ConfigError(RadixKVError, ValueError):
-    """A tool's input is invalid: unknown preset or dtype, a negative length, an unreadable model
-    config, or a malformed trace."""
+    """A configuration is invalid: an engine or `LLM` option (unknown policy or dtype, a
+    non-positive size), or a tool's input (unknown preset, unreadable model config, malformed
+    trace)."""
+
+
+class EngineError(RadixKVError):
+    """The engine failed while running a request (e.g. the model forward raised); the request
+    was stopped and its memory released. `__cause__` holds the original exception."""

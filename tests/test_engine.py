@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from radixkv import LLM, SamplingParams
-from radixkv.errors import InvalidRequestError
+from radixkv.errors import ConfigError, InvalidRequestError
 from tests.engine_fixtures import tiny_llama_dir  # noqa: F401  (fixture)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -40,13 +40,13 @@ def workload(seed: int = 0) -> list[list[int]]:
 def oracle(tiny_llama_dir):  # noqa: F811
     """Each prompt alone, cache off, plenty of memory."""
     llm = make_llm(tiny_llama_dir, enable_prefix_cache=False)
-    outs = [llm.generate([p], GREEDY)[0]["token_ids"] for p in workload()]
+    outs = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in workload()]
     llm.engine.check_no_leak()
     return outs
 
 
 def run_all(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    outs = [o["token_ids"] for o in llm.generate(prompts, GREEDY)]
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
     llm.engine.check_no_leak()
     return outs
 
@@ -64,12 +64,12 @@ def test_sequential_turns_hit_the_cache(tiny_llama_dir, oracle):  # noqa: F811
     outs = []
     for p in prompts:
         out = llm.generate([p], GREEDY)[0]
-        outs.append(out["token_ids"])
+        outs.append(out.outputs[0].token_ids)
     assert outs == oracle
     # turn 2 (index 5) extends turn 1 (index 4), which extended prompt 0: the whole of turn 1
     # is cached when turn 2 arrives
     again = llm.generate([prompts[5]], GREEDY)[0]
-    assert again["cached_tokens"] == len(prompts[5]) - 1
+    assert again.num_cached_tokens == len(prompts[5]) - 1
     llm.engine.check_no_leak()
 
 
@@ -119,10 +119,10 @@ def test_bad_input_raises_before_touching_memory(tiny_llama_dir):  # noqa: F811
             call()
         assert llm.engine.kv_pool.available_size() == free_before
         assert not llm.engine.has_work()
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ConfigError):  # a configuration mistake, not a request's
         make_llm(tiny_llama_dir, schedule_policy="random")
     out = llm.generate([[5, 6, 7]], GREEDY)[0]  # still serving
-    assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"
+    assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].finish_reason == "length"
     llm.engine.check_no_leak()
 
 
@@ -148,7 +148,7 @@ def test_stream_pieces_join_to_generate_text(tiny_llama_dir):  # noqa: F811
     llm = make_llm(tiny_llama_dir)
     prompt = workload()[0]
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    full = llm.generate([prompt], params)[0]["text"]
+    full = llm.generate([prompt], params)[0].outputs[0].text
     pieces = list(llm.stream(prompt, params))
     assert "".join(pieces) == full
     assert all(p and "\ufffd" not in p for p in pieces)
@@ -163,20 +163,20 @@ def test_stop_tokens_stop_strings_and_max_tokens(tiny_llama_dir):  # noqa: F811
     llm = make_llm(tiny_llama_dir)
     prompt = workload()[1]
     base = llm.generate([prompt], GREEDY)[0]
-    ids = base["token_ids"]
+    ids = base.outputs[0].token_ids
     stop_id = ids[4]
     first = ids.index(stop_id)
     out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12,
                                                 stop_token_ids=[stop_id], ignore_eos=True))[0]
-    assert out["token_ids"] == ids[:first + 1] and out["finish_reason"] == "stop"
-    text = base["text"]
+    assert out.outputs[0].token_ids == ids[:first + 1] and out.outputs[0].finish_reason == "stop"
+    text = base.outputs[0].text
     stop = text[len(text) // 2:len(text) // 2 + 3]
     if stop.strip():
         out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, stop=stop,
                                                     ignore_eos=True))[0]
-        assert out["finish_reason"] == "stop"
-        assert out["text"] == text[:text.find(stop)]
-    assert base["finish_reason"] == "length" and len(ids) == 12
+        assert out.outputs[0].finish_reason == "stop"
+        assert out.outputs[0].text == text[:text.find(stop)]
+    assert base.outputs[0].finish_reason == "length" and len(ids) == 12
     llm.engine.check_no_leak()
 
 
@@ -185,12 +185,12 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny_llama_dir):  # noqa
     prompts = workload()[:5]
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=10, seed=1234,
                             ignore_eos=True)
-    alone = llm.generate([prompts[2]], params)[0]["token_ids"]
-    batched = llm.generate(prompts, params)[2]["token_ids"]
+    alone = llm.generate([prompts[2]], params)[0].outputs[0].token_ids
+    batched = llm.generate(prompts, params)[2].outputs[0].token_ids
     assert alone == batched
     unseeded = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
     a = llm.generate([prompts[2]] * 4, unseeded)
-    assert len({tuple(o["token_ids"]) for o in a}) > 1  # really samples
+    assert len({tuple(o.outputs[0].token_ids) for o in a}) > 1  # really samples
     llm.engine.check_no_leak()
 
 
@@ -200,9 +200,9 @@ def test_namespaces_do_not_share(tiny_llama_dir, oracle):  # noqa: F811
     llm.generate([p], GREEDY, namespace="tenant-a")
     out_b = llm.generate([p], GREEDY, namespace="tenant-b")[0]
     out_a = llm.generate([p], GREEDY, namespace="tenant-a")[0]
-    assert out_b["cached_tokens"] == 0
-    assert out_a["cached_tokens"] == len(p) - 1
-    assert out_a["token_ids"] == out_b["token_ids"] == oracle[0]
+    assert out_b.num_cached_tokens == 0
+    assert out_a.num_cached_tokens == len(p) - 1
+    assert out_a.outputs[0].token_ids == out_b.outputs[0].token_ids == oracle[0]
     llm.engine.check_no_leak()
 
 

@@ -70,17 +70,18 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
 
 def test_one_at_a_time_matches_transformers(llm, prompts, hf_tokens):
     for p, expected in zip(prompts, hf_tokens, strict=True):
-        assert llm.generate([p], PARAMS)[0]["token_ids"] == expected
+        assert llm.generate([p], PARAMS)[0].outputs[0].token_ids == expected
     llm.engine.check_no_leak()
 
 
 def test_batch_with_cache_matches_transformers(llm, prompts, hf_tokens):
     llm.engine.cache.reset()
     outs = llm.generate(prompts, PARAMS)
-    assert [o["token_ids"] for o in outs] == hf_tokens
-    assert sum(o["cached_tokens"] for o in outs) > 0  # the shared system prompt was reused
+    assert [o.outputs[0].token_ids for o in outs] == hf_tokens
+    assert sum(o.num_cached_tokens for o in outs) > 0  # the shared system prompt was reused
     for o in outs:
-        assert o["finish_reason"] == ("stop" if len(o["token_ids"]) < NEW_TOKENS else "length")
+        c = o.outputs[0]
+        assert c.finish_reason == ("stop" if len(c.token_ids) < NEW_TOKENS else "length")
     llm.engine.check_no_leak()
 
 
@@ -88,6 +89,6 @@ def test_chat_api_and_cache_off_match(llm, prompts, hf_tokens):
     off = LLM(max_total_tokens=4096, enable_prefix_cache=False)
     outs = off.chat([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
                      for q in QUESTIONS], PARAMS)
-    assert [o["token_ids"] for o in outs] == hf_tokens[:len(QUESTIONS)]
-    assert all(o["cached_tokens"] == 0 for o in outs)
+    assert [o.outputs[0].token_ids for o in outs] == hf_tokens[:len(QUESTIONS)]
+    assert all(o.num_cached_tokens == 0 for o in outs)
     off.engine.check_no_leak()

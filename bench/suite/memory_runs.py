@@ -71,23 +71,16 @@ class SchedulerAdapter:
         batch = self.sched.schedule()
         if batch is None:
             return
-        # what Engine._process does with sampled tokens, the scripted answer standing in
-        for it in batch.items:
-            req = it.req
-            req.kv_len = it.end
-            if not (batch.is_decode and req.output_ids):  # a prompt token is prefill work
-                req.prefill_tokens += it.end - it.start
-                self.prefill_counter += it.end - it.start
-            if not it.sample:
-                self.sched.cache_prefix(req)
-                continue
-            if not batch.is_decode:
-                self.sched.cache_prefix(req)
+        # the scheduler's own end-of-step work, the scripted answer standing in for sampling
+        tokens = [int(self.answers[id(it.req)][len(it.req.output_ids)])
+                  for it in batch.items if it.samples_next]
+        before = self.sched.prefill_tokens
+        for req in self.sched.postprocess(batch, tokens):
             answer = self.answers[id(req)]
-            req.output_ids.append(int(answer[len(req.output_ids)]))
             if len(req.output_ids) >= len(answer):
                 self.sched.finish(req, "stop" if len(answer) < req.params.max_tokens else "length")
                 del self.answers[id(req)]
+        self.prefill_counter += self.sched.prefill_tokens - before
 
     def running(self) -> list[Request]:
         return list(self.sched.running)

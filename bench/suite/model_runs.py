@@ -103,13 +103,11 @@ class ModelBench:
     """One loaded model serving every model-level system."""
 
     def __init__(self, model: str | None, dtype: str = "float32") -> None:
-        from radixkv import LLM
+        from radixkv.model import load_model
 
         self.model_arg = model
         self.dtype = dtype
-        # the smallest pool LLM accepts: engines with the real pool sizes are built per run
-        self.llm = LLM(model, dtype=dtype, max_total_tokens=4096, max_running_requests=2)
-        self.lm = self.llm.lm
+        self.lm = load_model(model, dtype=dtype)  # engines with their own pools are built per run
         self.vocab = self.lm.config.vocab_size
         self._hf: Any = None
 
@@ -132,10 +130,10 @@ class ModelBench:
             chunked_prefill_size=chunk))
         self._warm_up(engine)
         adapter = EngineRunAdapter(engine)
-        before = dict(engine.counters)
+        before = engine.scheduler.prefill_tokens
         evicted_before = engine.cache.stats().evicted_tokens
         log = drive(trace, adapter, capacity, window, progress)
-        prefill = engine.counters["prefill_tokens"] - before["prefill_tokens"]
+        prefill = engine.scheduler.prefill_tokens - before
         evicted = engine.cache.stats().evicted_tokens - evicted_before
         try:
             engine.check_no_leak()

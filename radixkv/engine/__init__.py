@@ -1,7 +1,9 @@
-"""The engine layer: requests, scheduling, the model runner and the step loop."""
+"""The engine layer: requests, scheduling, sampling, the model runner, the step and its loop."""
 
 from radixkv.engine.engine import Engine, EngineConfig
+from radixkv.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from radixkv.engine.request import Request, Status
 from radixkv.engine.sampling_params import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "Request", "SamplingParams", "Status"]
+__all__ = ["CompletionOutput", "Engine", "EngineConfig", "Request", "RequestMetrics",
+           "RequestOutput", "SamplingParams", "Status"]

@@ -1,4 +1,7 @@
-"""The engine: requests in, tokens out. Each `step()` is schedule -> run the model -> process."""
+"""The engine: requests in, tokens out. Each `step()` is schedule -> run the model -> process.
+
+`Engine` is single-threaded: one thread owns it (see `EngineLoop` for serving many callers).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +14,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from radixkv.engine.detokenizer import IncrementalDetokenizer
 from radixkv.engine.model_runner import ModelRunner
+from radixkv.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from radixkv.engine.request import Request
-from radixkv.engine.sampler import Sampler
+from radixkv.engine.sampler import Sampler, SampleRow
 from radixkv.engine.sampling_params import SamplingParams
+from radixkv.engine.schedule_policy import POLICIES
 from radixkv.engine.scheduler import Batch, Scheduler
-from radixkv.errors import InvalidRequestError
+from radixkv.errors import ConfigError, EngineError, InvalidRequestError
 from radixkv.memory import NaiveCache, RadixCache, ReqToTokenPool, TokenToKVPool
 from radixkv.model import LoadedModel
 
 
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+
+
 @dataclass(slots=True)
 class EngineConfig:
+    """Engine options, validated here once (`ConfigError`); see `LLM` for their meaning."""
+
     max_total_tokens: int
     max_running_requests: int = 64
     page_size: int = 1
@@ -31,6 +44,19 @@ class EngineConfig:
     chunked_prefill_size: int = 512
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("max_total_tokens", "max_running_requests", "page_size",
+                     "chunked_prefill_size"):
+            _positive_int(name, getattr(self, name))
+        if self.schedule_policy not in POLICIES:
+            raise ConfigError(f"unknown schedule_policy {self.schedule_policy!r}; use one of "
+                              f"{POLICIES}")
+        if not isinstance(self.enable_prefix_cache, bool):
+            raise ConfigError(f"enable_prefix_cache must be a bool, "
+                              f"got {self.enable_prefix_cache!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+
 
 class Engine:
     """Continuous batching over the three memory levels for one loaded model."""
@@ -38,15 +64,15 @@ class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig) -> None:
         cfg = lm.config
         self.lm = lm
+        self.tokenizer = lm.tokenizer
         self.config = config
         self.max_context = cfg.max_position_embeddings
         self.kv_pool = TokenToKVPool(config.max_total_tokens, cfg.num_layers, cfg.num_kv_heads,
                                      cfg.head_dim, dtype=lm.dtype, device=lm.device)
         self.req_pool = ReqToTokenPool(config.max_running_requests, self.max_context,
                                        device=lm.device)
-        self.cache = (RadixCache(self.kv_pool, page_size=config.page_size)
-                      if config.enable_prefix_cache
-                      else NaiveCache(self.kv_pool, page_size=config.page_size))
+        cache_cls = RadixCache if config.enable_prefix_cache else NaiveCache
+        self.cache = cache_cls(self.kv_pool, page_size=config.page_size)
         self.scheduler = Scheduler(self.cache, self.kv_pool, self.req_pool,
                                    config.schedule_policy, config.chunked_prefill_size,
                                    config.max_running_requests)
@@ -55,13 +81,18 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                         "prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
+        self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "steps": 0,
+                         "requests_finished": 0, "errors": 0}
+        self.finish_reasons: dict[str, int] = {}
+        self.step_time = {"schedule": 0.0, "forward": 0.0, "process": 0.0}  # seconds, summed
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_ids: Sequence[int] | np.ndarray, params: SamplingParams,
                  namespace: Any = None) -> np.ndarray:
-        """Check a request without touching memory; returns the prompt as int32 ids."""
+        """Check a request without touching any state; returns the prompt as int32 ids.
+
+        Reads only immutable configuration, so any thread may call it.
+        """
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {params!r}")
         if not isinstance(namespace, Hashable):
@@ -76,6 +107,10 @@ class Engine:
         if arr.min() < 0 or arr.max() >= vocab:
             bad = int(arr.min() if arr.min() < 0 else arr.max())
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        extra = [t for t in (*params.stop_token_ids, *(params.logit_bias or ())) if t >= vocab]
+        if extra:
+            raise InvalidRequestError(f"token id {extra[0]} in stop_token_ids / logit_bias is "
+                                      f"outside the vocabulary [0, {vocab})")
         total = arr.size + params.max_tokens
         if total > self.max_context:
             raise InvalidRequestError(
@@ -85,16 +120,23 @@ class Engine:
             raise InvalidRequestError(
                 f"prompt + max_tokens = {total} tokens cannot fit the KV pool "
                 f"({self.kv_pool.num_slots} slots); raise max_total_tokens")
+        if params.n > self.config.max_running_requests:
+            raise InvalidRequestError(f"n = {params.n} exceeds max_running_requests "
+                                      f"({self.config.max_running_requests})")
         return arr.astype(np.int32)
 
     def add_request(self, prompt_ids: Sequence[int] | np.ndarray, params: SamplingParams,
-                    namespace: Any = None, rid: str | None = None) -> Request:
+                    namespace: Any = None, rid: str | None = None,
+                    prompt: str | None = None) -> Request:
         """Validate and queue a request; it joins the running batch at a coming step."""
         arr = self.validate(prompt_ids, params, namespace)
         rid = rid if rid is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
-        req = Request(rid, arr, params, namespace)
+        req = Request(rid, arr, params, namespace, prompt=prompt)
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, params.stop_strings, skip_special_tokens=params.skip_special_tokens,
+            include_stop_str_in_output=params.include_stop_str_in_output)
         if params.seed is not None:
             req.generator = torch.Generator().manual_seed(params.seed)
         self.requests[rid] = req
@@ -116,79 +158,102 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """One engine iteration; returns the requests that got a token or finished in it."""
+        """One engine iteration; returns the requests that got a token, finished or failed.
+
+        A forward that raises fails only that batch's requests (`finish_reason == "error"`,
+        `req.error` an `EngineError`); their memory is released and the engine keeps serving.
+        """
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()  # 1. schedule
         if batch is None:
             return []
-        logits = self.runner.forward(batch)  # 2. run the model
-        return self._process(batch, logits)  # 3. process outputs
+        t1 = time.perf_counter()
+        try:
+            logits = self.runner.forward(batch)  # 2. run the model
+            rows = [self._sample_row(it.req) for it in batch.items if it.samples_next]
+            sample = self.sampler(logits, rows)
+        except Exception as exc:  # noqa: BLE001 - any model failure becomes the batch's error
+            return self._fail(batch, exc)
+        t2 = time.perf_counter()
+        touched = self._process(batch, sample.tokens, sample.logprobs)  # 3. process outputs
+        t3 = time.perf_counter()
+        st = self.step_time
+        st["schedule"] += t1 - t0
+        st["forward"] += t2 - t1
+        st["process"] += t3 - t2
+        return touched
 
-    def _process(self, batch: Batch, logits: torch.Tensor) -> list[Request]:
+    def _sample_row(self, req: Request) -> SampleRow:
+        p = req.params
+        block: tuple[int, ...] = ()
+        if len(req.output_ids) < p.min_tokens:
+            block = (*(() if p.ignore_eos else self.eos_ids), *p.stop_token_ids)
+        return SampleRow(p, req.generator, req.prompt_ids, req.output_ids, block)
+
+    def _fail(self, batch: Batch, exc: Exception) -> list[Request]:
+        failed = self.scheduler.fail(batch)
+        err = EngineError(f"model forward failed: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        now = time.time()
+        for req in failed:
+            req.error = err
+            req.finish_time = now
+            self.counters["errors"] += 1
+            self._count_finish("error")
+        return failed
+
+    def _process(self, batch: Batch, tokens: list[int],
+                 logprobs: list[dict[int, float] | None]) -> list[Request]:
         self.counters["steps"] += 1
-        sampled_items = [it for it in batch.items if it.sample]
-        tokens = self.sampler(logits, [it.req.params for it in sampled_items],
-                              [it.req.generator for it in sampled_items])
-        next_token = {id(it.req): tok for it, tok in zip(sampled_items, tokens, strict=True)}
-        touched = []
-        now = time.perf_counter()
-        for it in batch.items:
-            req = it.req
-            req.kv_len = it.end
-            # A decode step that feeds a prompt token (a chunk stopped one short of the prompt's
-            # end, or a cache hit covered all but the last token) is prefill work.
-            if batch.is_decode and req.output_ids:
-                self.counters["decode_tokens"] += 1
-            else:
-                self.counters["prefill_tokens"] += it.end - it.start
-                req.prefill_tokens += it.end - it.start
-            if not it.sample:
-                self.scheduler.cache_prefix(req)  # chunk boundary: share the prefix early
-                continue
-            if not batch.is_decode:
-                self.scheduler.cache_prefix(req)
-            tok = next_token[id(req)]
-            req.output_ids.append(tok)
+        touched = self.scheduler.postprocess(batch, tokens)
+        now = time.time()
+        for req, tok, lp in zip(touched, tokens, logprobs, strict=True):
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.counters["cached_tokens"] += req.prefix_hit
+            if lp is not None and req.logprobs is not None:
+                req.logprobs.append(lp)
+                req.cumulative_logprob += lp[tok]
+            req.detokenizer.add(tok)
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self._finish(req, reason)
-            touched.append(req)
         return touched
 
     def _stop_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
-            return "stop"
-        if p.stop_strings and self._stop_cut(self.decode_text(req.output_ids), p) >= 0:
-            return "stop"
+        if len(req.output_ids) >= p.min_tokens:
+            if tok in p.stop_token_ids:
+                req.stop_reason = tok
+                return "stop"
+            if tok in self.eos_ids and not p.ignore_eos:
+                return "stop"
+            if req.detokenizer.stop_hit is not None:
+                req.stop_reason = req.detokenizer.stop_hit
+                return "stop"
         if len(req.output_ids) >= p.max_tokens:
             return "length"
         return None
 
-    @staticmethod
-    def _stop_cut(text: str, p: SamplingParams) -> int:
-        """Index of the earliest stop string in `text`, or -1."""
-        hits = [i for i in (text.find(s) for s in p.stop_strings) if i >= 0]
-        return min(hits) if hits else -1
-
     def _finish(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req, reason)
-        req.finish_time = time.perf_counter()
-        text = self.decode_text(req.output_ids)
-        cut = self._stop_cut(text, req.params) if req.params.stop_strings else -1
-        req.text = text[:cut] if cut >= 0 else text
+        req.finish_time = time.time()
+        req.detokenizer.finish()
+        self._count_finish(reason)
+
+    def _count_finish(self, reason: str) -> None:
+        self.counters["requests_finished"] += 1
+        self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
 
     def decode_text(self, ids: Sequence[int]) -> str:
-        return self.lm.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def pop_finished(self, rid: str) -> Request:
         """Forget a finished request (its output stays with the caller)."""
         return self.requests.pop(rid)
 
     def run_until_done(self, reqs: list[Request], progress: Any = None) -> None:
-        """Step until every request in `reqs` has finished."""
+        """Step until every request in `reqs` has finished (single-threaded use)."""
         pending = {r.rid for r in reqs if not r.finished}
         while pending:
             for req in self.step():
@@ -200,23 +265,50 @@ class Engine:
             if pending and not self.has_work():
                 raise RuntimeError("engine went idle with requests still pending")
 
+    # ---- outputs ----------------------------------------------------------------------------
+    @staticmethod
+    def output(req: Request) -> RequestOutput:
+        """A snapshot of `req` as a `RequestOutput` (cumulative text and tokens)."""
+        done = req.finished
+        # While running, hold back a tail that may still become a stop string (cut later), so
+        # the cumulative text only ever grows.
+        text = req.text if done else req.detokenizer.safe_text()
+        comp = CompletionOutput(
+            index=0, text=text, token_ids=list(req.output_ids),
+            finish_reason=req.finish_reason if done else None,
+            stop_reason=req.stop_reason if done else None,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None)
+        return RequestOutput(
+            request_id=req.rid, prompt=req.prompt, prompt_token_ids=req.prompt_ids.tolist(),
+            outputs=[comp], finished=done, num_cached_tokens=max(req.prefix_hit, 0),
+            metrics=RequestMetrics(req.arrival, req.first_token_time, req.finish_time),
+            num_preemptions=req.preemptions)
+
     # ---- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Prefix-cache and memory counters (tokens unless named otherwise)."""
         c = self.counters
         tree = self.cache.stats()
         pool = self.kv_pool
+        st = self.step_time
+        busy = sum(st.values())
         return {
             "requests": c["requests"],
+            "requests_finished": c["requests_finished"],
+            "finish_reasons": dict(self.finish_reasons),
+            "errors": c["errors"],
             "prompt_tokens": c["prompt_tokens"],
             "cached_tokens": c["cached_tokens"],
             "hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
-            "prefill_tokens_computed": c["prefill_tokens"],
-            "decode_tokens": c["decode_tokens"],
+            "prefill_tokens_computed": self.scheduler.prefill_tokens,
+            "decode_tokens": self.scheduler.decode_tokens,
             "tree_tokens": self.cache.total_size(),
             "tree_nodes": tree.node_count,
             "evictable_tokens": self.cache.evictable_size(),
             "evicted_tokens": tree.evicted_tokens,
+            "prefix_query_tokens": tree.query_tokens,
+            "prefix_hit_tokens": tree.hit_tokens,
             "pool_size": pool.num_slots,
             "pool_free": pool.available_size(),
             "pool_used": pool.num_slots - pool.available_size(),
@@ -226,6 +318,7 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "steps": c["steps"],
+            "host_time_share": (st["schedule"] + st["process"]) / busy if busy else 0.0,
         }
 
     def check_no_leak(self) -> None:

@@ -10,7 +10,7 @@ from radixkv.engine.scheduler import Batch
 from radixkv.memory.kv_pool import TokenToKVPool
 from radixkv.memory.req_pool import ReqToTokenPool
 from radixkv.model import LoadedModel
-from radixkv.model.context import ForwardContext, forward_context
+from radixkv.model.context import forward_context, make_forward_context
 
 
 class ModelRunner:
@@ -23,36 +23,26 @@ class ModelRunner:
         self.req_pool = req_pool
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Run the batch; returns float32 logits [num items with `sample`, vocab] in item order."""
+        """Run the batch; returns float32 logits [items with `samples_next`, vocab] in item
+        order."""
         items = batch.items
-        starts = np.array([it.start for it in items], dtype=np.int64)
-        ends = np.array([it.end for it in items], dtype=np.int64)
-        lens = ends - starts
-        qo_indptr = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum(lens, out=qo_indptr[1:])
-        # positions: start_b, start_b + 1, ... for each request, without a Python loop per token
-        positions = np.arange(qo_indptr[-1]) - np.repeat(qo_indptr[:-1] - starts, lens)
-        if batch.is_decode:
-            ids = np.array([it.req.output_ids[-1] if it.req.output_ids else
-                            it.req.prompt_ids[-1] for it in items], dtype=np.int64)
+        starts = np.fromiter((it.start for it in items), dtype=np.int64, count=len(items))
+        ends = np.fromiter((it.end for it in items), dtype=np.int64, count=len(items))
+        if batch.is_decode:  # the last token of each request: prompt's end or the last sampled
+            ids = np.fromiter((it.req.token_ids()[it.start] for it in items), dtype=np.int64,
+                              count=len(items))
         else:
-            ids = np.concatenate([it.req.fill_ids()[it.start:it.end] for it in items])
-        sample_rows = qo_indptr[1:][[it.sample for it in items]] - 1
-        dev = self.device
-        rows = torch.tensor([it.req.row for it in items], dtype=torch.int64)
-        kv_indptr, kv_indices = build_kv_indices(self.req_pool.req_to_token,
-                                                 rows.to(self.req_pool.device),
-                                                 torch.from_numpy(ends).to(self.req_pool.device))
-        ctx = ForwardContext(
-            kv_pool=self.kv_pool,
-            is_decode=batch.is_decode,
-            positions=torch.from_numpy(positions).to(dev),
-            out_slots=torch.cat([it.slots for it in items]).to(dev),
-            qo_indptr=torch.from_numpy(qo_indptr).to(dev),
-            kv_indptr=kv_indptr.to(dev),
-            kv_indices=kv_indices.to(dev),
-            logits_indices=torch.from_numpy(sample_rows).to(dev),
-        )
-        input_ids = torch.from_numpy(ids.astype(np.int64)).to(dev)
+            ids = np.concatenate([it.req.token_ids()[it.start:it.end] for it in items])
+        samples = np.fromiter((it.samples_next for it in items), dtype=bool, count=len(items))
+        rows = torch.from_numpy(np.fromiter((it.req.row for it in items), dtype=np.int64,
+                                            count=len(items)))
+        rp = self.req_pool.device
+        kv_indptr, kv_indices = build_kv_indices(self.req_pool.req_to_token, rows.to(rp),
+                                                 torch.from_numpy(ends).to(rp))
+        out_slots = items[0].slots if len(items) == 1 else torch.cat([it.slots for it in items])
+        ctx = make_forward_context(self.kv_pool, starts=starts, ends=ends, out_slots=out_slots,
+                                   kv_indptr=kv_indptr, kv_indices=kv_indices, logits=samples,
+                                   is_decode=batch.is_decode, device=self.device)
+        input_ids = torch.from_numpy(ids.astype(np.int64, copy=False)).to(self.device)
         with torch.inference_mode(), forward_context(ctx):
             return self.model(input_ids)

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from radixkv.engine.detokenizer import IncrementalDetokenizer
 from radixkv.engine.sampling_params import SamplingParams
+from radixkv.memory.base_cache import CacheNode
 
 
 class Status(enum.Enum):
@@ -31,34 +33,55 @@ class Request:
     | [cached_len, kv_len)    | the request    | finish / preempt / abort (after tree insert) |
 
     `kv_len` counts tokens whose K/V are in the pool; the last sampled token has none yet.
+    The prompt and the generated tokens live in one int32 buffer sized for the whole request, so
+    `token_ids()` is a view, never a concatenation.
     """
 
     rid: str
     prompt_ids: np.ndarray  # int32 [P]
     params: SamplingParams
     namespace: Any = None
+    prompt: str | None = None  # the prompt text, when the caller gave text
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     row: int = -1
-    node: Any = None  # locked tree node covering [0, cached_len)
+    node: CacheNode | None = None  # locked tree node covering [0, cached_len)
     cached_len: int = 0
     kv_len: int = 0
     prefix_hit: int = -1  # tree hit at first admission (-1: not admitted yet)
     prefill_tokens: int = 0  # tokens this request sent through extend (recomputes included)
     preemptions: int = 0
-    finish_reason: str | None = None
-    text: str = ""  # detokenized output, stop string cut
-    streamed: int = 0  # chars of `text` already handed to a stream
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    error: BaseException | None = None  # set when finish_reason == "error"
+    detokenizer: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
-    arrival: float = field(default_factory=time.perf_counter)
+    logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
+    cumulative_logprob: float = 0.0
+    arrival: float = field(default_factory=time.time)
     first_token_time: float | None = None
     finish_time: float | None = None
+    _seq: np.ndarray = field(init=False, repr=False)
 
-    def fill_ids(self) -> np.ndarray:
-        """Prompt followed by the generated tokens, int32."""
-        if not self.output_ids:
-            return self.prompt_ids
-        return np.concatenate([self.prompt_ids, np.asarray(self.output_ids, dtype=np.int32)])
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids)
+        self._seq = np.empty(n + self.params.max_tokens, dtype=np.int32)
+        self._seq[:n] = self.prompt_ids
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    def token_ids(self) -> np.ndarray:
+        """Prompt followed by the generated tokens, int32 (a view: do not modify)."""
+        return self._seq[:self.total_len]
+
+    def append_token(self, tok: int) -> None:
+        self._seq[self.total_len] = tok
+        self.output_ids.append(tok)
+
+    @property
+    def text(self) -> str:
+        """The output text so far (stop string cut once finished)."""
+        return self.detokenizer.text if self.detokenizer is not None else ""
 
     @property
     def total_len(self) -> int:

@@ -1,50 +1,163 @@
-"""Turn the last-position logits of a batch into next tokens, each row with its own settings."""
+"""Turn the last-position logits of a batch into next tokens, all rows in a few tensor ops.
+
+Order, as in vLLM: logit bias and the min_tokens block, then penalties (repetition, frequency,
+presence), then temperature, top-k, top-p and min-p. Greedy rows take the argmax of the
+penalised logits. Sampled rows use the exponential race: token = argmax(p / E) with
+E ~ Exp(1) per vocabulary entry, which picks token i with probability p_i. A row with a seed
+draws its E from its own generator, so its tokens do not depend on what it is batched with; the
+other rows share one draw from the engine's generator. The whole batch ends in one host sync.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from radixkv.engine.sampling_params import SamplingParams
 
 
-class Sampler:
-    """Greedy, temperature, top-k, top-p and min-p sampling with optional per-request generators.
+@dataclass(slots=True)
+class SampleRow:
+    """What the sampler needs to know about one row besides its logits."""
 
-    Rows with a seed draw from their own `torch.Generator`, so a seeded request gives the same
-    tokens whatever it is batched with; the others share one engine generator.
-    """
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: Sequence[int]  # for the repetition penalty
+    output_ids: Sequence[int]
+    block_ids: Sequence[int] = ()  # tokens masked this step (EOS / stop ids before min_tokens)
+
+
+@dataclass(slots=True)
+class SampleResult:
+    tokens: list[int]  # [B]
+    # per row: {token id: logprob} of the sampled token and the top-k (None where not asked)
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    """Batched sampling with per-request settings; see the module docstring."""
 
     def __init__(self, seed: int = 0) -> None:
         self._shared = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> list[int]:
-        """logits [B, V] float32 (CPU or device) -> B token ids."""
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1).tolist()  # [B]
-        if all(p.greedy for p in params):
-            return greedy
-        out = list(greedy)
-        for i, p in enumerate(params):
-            if p.greedy:
-                continue
-            probs = self._filtered_probs(logits[i], p)  # [V]
-            gen = generators[i] or self._shared
-            out[i] = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-        return out
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
+        """logits [B, V] (any float dtype, CPU or device) -> B token ids (+ logprobs)."""
+        raw = logits.float()
+        x = self._processed(raw, rows)  # [B, V]
+        tokens = x.argmax(dim=-1)  # [B] greedy answer for every row
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if sampled:
+            tokens[sampled] = self._sample(x[sampled], [rows[i] for i in sampled])
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not want:
+            return SampleResult(tokens.tolist(), [None] * len(rows))
+        return self._with_logprobs(raw, tokens, rows, want)
+
+    # ---- logit processing -------------------------------------------------------------------
+    @staticmethod
+    def _processed(raw: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        b, v = raw.shape
+        edits = [i for i, r in enumerate(rows) if r.block_ids or r.params.logit_bias
+                 or r.params.has_penalties]
+        if not edits:
+            return raw
+        x = raw.clone()
+        for i in edits:  # sparse edits: a handful of entries per row
+            p = rows[i].params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=x.device)
+                ids_ok = ids < v
+                vals = torch.tensor(list(p.logit_bias.values()), device=x.device)
+                x[i, ids[ids_ok]] += vals[ids_ok]
+        pen = [i for i in edits if rows[i].params.has_penalties]
+        if pen:
+            Sampler._apply_penalties(x, pen, rows)
+        for i in edits:
+            if rows[i].block_ids:
+                ids = torch.tensor(list(rows[i].block_ids), dtype=torch.long, device=x.device)
+                x[i, ids[ids < v]] = float("-inf")
+        return x
 
     @staticmethod
-    def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-        row = row / p.temperature
-        if p.top_k > 0 and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass strictly above each token
-            sorted_p = sorted_p.masked_fill(before >= p.top_p, 0.0)  # the top token always stays
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return probs / probs.sum()
+    def _apply_penalties(x: torch.Tensor, pen: list[int], rows: Sequence[SampleRow]) -> None:
+        """Penalties for rows `pen` of x [B, V], in place, from count matrices built at once."""
+        dev, v = x.device, x.shape[1]
+        k = len(pen)
+        out_rows = torch.cat([torch.full((len(rows[i].output_ids),), j, dtype=torch.long)
+                              for j, i in enumerate(pen)])
+        out_ids = torch.tensor([t for i in pen for t in rows[i].output_ids], dtype=torch.long)
+        counts = torch.zeros(k, v, device=dev)  # [k, V] output token counts
+        counts.index_put_((out_rows.to(dev), out_ids.to(dev)),
+                          torch.ones(len(out_ids), device=dev), accumulate=True)
+        p_rows = torch.cat([torch.full((len(rows[i].prompt_ids),), j, dtype=torch.long)
+                            for j, i in enumerate(pen)])
+        p_ids = torch.cat([torch.as_tensor(rows[i].prompt_ids, dtype=torch.long) for i in pen])
+        seen = counts > 0  # [k, V] in the prompt or the output
+        seen[p_rows.to(dev), p_ids.to(dev)] = True
+        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=dev)
+        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=dev)
+        rep = torch.tensor([rows[i].params.repetition_penalty for i in pen], device=dev)
+        idx = torch.tensor(pen, dtype=torch.long, device=dev)
+        sub = x[idx]  # [k, V]
+        rep = rep[:, None].expand_as(sub)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0)
+        x[idx] = sub
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def _sample(self, x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """x [S, V] processed logits of the sampled rows -> [S] token ids."""
+        dev = x.device
+        temp = torch.tensor([r.params.temperature for r in rows], device=dev)
+        probs = torch.softmax(x / temp[:, None], dim=-1)  # [S, V]
+        top_k = [r.params.top_k for r in rows]
+        top_p = [r.params.top_p for r in rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            probs = self._top_k_top_p(probs, top_k, top_p)
+        min_p = torch.tensor([r.params.min_p for r in rows], device=dev)
+        if bool((min_p > 0).any()):
+            floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < floor, 0.0)
+        noise = torch.empty_like(probs)
+        shared = [i for i, r in enumerate(rows) if r.generator is None]
+        if shared:
+            draw = torch.empty(len(shared), probs.shape[1]).exponential_(generator=self._shared)
+            noise[shared] = draw.to(dev)
+        for i, r in enumerate(rows):
+            if r.generator is not None:  # its own stream: independent of the batch
+                noise[i] = torch.empty(probs.shape[1]).exponential_(generator=r.generator).to(dev)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        """Zero what top-k and top-p drop, on one descending sort of every row."""
+        dev, v = probs.device, probs.shape[1]
+        sorted_p, order = probs.sort(dim=-1, descending=True)  # [S, V]
+        k = torch.tensor([kk if 0 < kk < v else v for kk in top_k], device=dev)
+        rank = torch.arange(v, device=dev)[None, :]
+        drop = rank >= k[:, None]
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
+        drop |= before >= torch.tensor(top_p, device=dev)[:, None]  # the top token stays
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return torch.zeros_like(probs).scatter_(1, order, sorted_p)
+
+    # ---- logprobs ---------------------------------------------------------------------------
+    @staticmethod
+    def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SampleRow],
+                       want: list[int]) -> SampleResult:
+        lp = torch.log_softmax(raw[want], dim=-1)  # [W, V] the model's own distribution
+        k = max(rows[i].params.logprobs or 0 for i in want)
+        chosen = lp.gather(1, tokens[want][:, None])[:, 0]  # [W]
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        toks, chosen_l = tokens.tolist(), chosen.tolist()  # the one host sync (with below)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        out: list[dict[int, float] | None] = [None] * len(rows)
+        for j, i in enumerate(want):
+            d = {toks[i]: chosen_l[j]}
+            n = rows[i].params.logprobs or 0
+            for t, val in zip(top_i[j][:n], top_v[j][:n], strict=True):
+                d.setdefault(t, val)
+            out[i] = d
+        return SampleResult(toks, out)

@@ -11,30 +11,22 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 from radixkv.engine.request import Request
-from radixkv.errors import InvalidRequestError
-from radixkv.memory.base_cache import PrefixCache
+from radixkv.memory.base_cache import CacheNode, PrefixCache
 
 POLICIES = ("lpm", "fcfs", "dfs-weight")
 LPM_MAX_QUEUE = 256
 
 
-def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise InvalidRequestError(f"unknown schedule_policy {policy!r}; use one of {POLICIES}")
-    return policy
-
-
 def order_waiting(policy: str, waiting: list[Request], cache: PrefixCache) -> list[Request]:
     """The waiting requests in the order the scheduler should try to admit them."""
-    if policy == "fcfs" or len(waiting) <= 1 or not getattr(cache, "retains_slots", False):
+    if policy == "fcfs" or len(waiting) <= 1 or not cache.retains_slots:
         return list(waiting)
     if policy == "lpm":
         if len(waiting) > LPM_MAX_QUEUE:
             return list(waiting)
-        hits = {id(r): cache.match_prefix(r.fill_ids()[:-1], r.namespace, record=False).length
+        hits = {id(r): cache.match_prefix(r.token_ids()[:-1], r.namespace, record=False).length
                 for r in waiting}
         return sorted(waiting, key=lambda r: -hits[id(r)])  # stable: arrival order on ties
     return _dfs_weight_order(waiting, cache)
@@ -42,9 +34,9 @@ def order_waiting(policy: str, waiting: list[Request], cache: PrefixCache) -> li
 
 def _dfs_weight_order(waiting: list[Request], cache: PrefixCache) -> list[Request]:
     at_node: dict[int, list[Request]] = defaultdict(list)
-    nodes: dict[int, Any] = {}
+    nodes: dict[int, CacheNode] = {}
     for r in waiting:
-        node = cache.match_prefix(r.fill_ids()[:-1], r.namespace, record=False).node
+        node = cache.match_prefix(r.token_ids()[:-1], r.namespace, record=False).node
         at_node[id(node)].append(r)
         nodes[id(node)] = node
     weight: dict[int, int] = defaultdict(int)
@@ -64,7 +56,7 @@ def _dfs_weight_order(waiting: list[Request], cache: PrefixCache) -> list[Reques
     return order
 
 
-def _root_of(node: Any) -> Any:
+def _root_of(node: CacheNode) -> CacheNode:
     while node.parent is not None:
         node = node.parent
     return node

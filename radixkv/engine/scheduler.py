@@ -10,6 +10,8 @@ Slot ownership across a request's life (positions of its row in req_to_token):
 |   (insert + relock)  | page-aligned kv_len  | page tail stays the request's      |
 | finish/preempt/abort | unlocked: evictable  | new -> tree (insert); duplicates   |
 |                      |                      | and page tail -> free list         |
+| forward failed       | unlocked: evictable  | everything -> free list (the KV of |
+|                      |                      | the failed step is not trusted)    |
 
 Invariant when idle: pool free slots + tree slots == pool size.
 """
@@ -23,13 +25,14 @@ import numpy as np
 import torch
 
 from radixkv.engine.request import Request, Status
-from radixkv.engine.schedule_policy import check_policy, order_waiting
+from radixkv.engine.schedule_policy import order_waiting
 from radixkv.errors import OutOfSlotsError
-from radixkv.memory.base_cache import PrefixCache
+from radixkv.memory.base_cache import PrefixCache, common_prefix_len
 from radixkv.memory.kv_pool import TokenToKVPool
 from radixkv.memory.req_pool import ReqToTokenPool
 
 DEFER_MIN_SHARED = 16  # tokens of not-yet-cached overlap that make a request wait one step
+HEADROOM_STEPS = 16  # decode steps of each running request kept free when admitting another
 
 
 @dataclass(slots=True)
@@ -40,7 +43,7 @@ class ScheduledReq:
     start: int
     end: int
     slots: torch.Tensor  # [end - start] int64
-    sample: bool  # end reaches the request's last token: sample the next one
+    samples_next: bool  # end reaches the request's last token: sample the next one
 
 
 @dataclass(slots=True)
@@ -62,13 +65,15 @@ class Scheduler:
         self.cache = cache
         self.kv_pool = kv_pool
         self.req_pool = req_pool
-        self.policy = check_policy(policy)
-        self.chunk = max(1, chunked_prefill_size)
-        self.max_running = max_running_requests
-        self.page = cache.page_size
+        self.policy = policy  # validated by EngineConfig
+        self.chunked_prefill_size = chunked_prefill_size
+        self.max_running_requests = max_running_requests
+        self.page_size = cache.page_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefill_tokens = 0  # tokens sent through extend (prompt tokens fed by decode too)
+        self.decode_tokens = 0
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -93,7 +98,7 @@ class Scheduler:
             self._preempt(self.running[-1])
 
     def _schedule_extend(self) -> Batch | None:
-        budget = self.chunk
+        budget = self.chunked_prefill_size
         items: list[ScheduledReq] = []
         for req in self.running:  # unfinished chunked prefills first
             if budget and req.in_prefill:
@@ -102,9 +107,9 @@ class Scheduler:
                     break
                 items.append(item)
                 budget -= item.end - item.start
-        if self.waiting and budget and len(self.running) < self.max_running:
+        if self.waiting and budget and len(self.running) < self.max_running_requests:
             for req in order_waiting(self.policy, list(self.waiting), self.cache):
-                if not budget or len(self.running) >= self.max_running:
+                if not budget or len(self.running) >= self.max_running_requests:
                     break
                 if items and self._waits_for_batch(req, items):
                     continue
@@ -129,16 +134,13 @@ class Scheduler:
         Both would miss the cache and compute the shared part twice; a step later it is in the
         tree. Only deferred when the overlap beyond what is cached is worth a step.
         """
-        if not getattr(self.cache, "retains_slots", False):
+        if not self.cache.retains_slots:
             return False
-        fill = req.fill_ids()
+        ids = req.token_ids()[:-1]
         for it in items:
             if it.req.namespace != req.namespace:
                 continue
-            other = it.req.fill_ids()[:it.end]
-            n = min(len(other), len(fill) - 1)
-            diff = np.flatnonzero(other[:n] != fill[:n])
-            shared = int(diff[0]) if diff.size else n
+            shared = common_prefix_len(it.req.token_ids()[:it.end], ids)
             if shared - it.start >= DEFER_MIN_SHARED:
                 return True
         return False
@@ -171,18 +173,19 @@ class Scheduler:
 
     def _headroom(self) -> int:
         """Slots kept back for the next few decode steps of the running requests."""
-        return sum(min(r.params.max_tokens - len(r.output_ids), 16) for r in self.running)
+        return sum(min(r.params.max_tokens - len(r.output_ids), HEADROOM_STEPS)
+                   for r in self.running)
 
     def _admit(self, req: Request) -> bool:
         """Give a waiting request a row and lock its cached prefix; False if it must wait."""
         if self.req_pool.available_size() == 0:
             return False
-        fill = req.fill_ids()
-        need = len(fill) - 1  # upper bound of what it will compute before decoding
+        ids = req.token_ids()
+        need = len(ids) - 1  # upper bound of what it will compute before decoding
         free_soon = self.kv_pool.available_size() + self.cache.evictable_size()
-        if self.running and free_soon < min(need, self.chunk) + self._headroom():
+        if self.running and free_soon < min(need, self.chunked_prefill_size) + self._headroom():
             return False
-        m = self.cache.match_prefix(fill[:-1], req.namespace)  # always leave a token to compute
+        m = self.cache.match_prefix(ids[:-1], req.namespace)  # always leave a token to compute
         self.cache.lock(m.node)
         req.row = self.req_pool.alloc()
         req.node, req.cached_len, req.kv_len = m.node, m.length, m.length
@@ -206,12 +209,12 @@ class Scheduler:
 
     def cache_prefix(self, req: Request) -> None:
         """After a prefill chunk: hand the computed, page-aligned KV to the tree (stays locked)."""
-        if not getattr(self.cache, "retains_slots", False):
+        if not self.cache.retains_slots:
             return  # a cache that keeps nothing would free KV the request still reads
         kv = req.kv_len
-        if kv // self.page * self.page <= req.cached_len:
+        if kv // self.page_size * self.page_size <= req.cached_len:
             return
-        fill = req.fill_ids()[:kv]
+        fill = req.token_ids()[:kv]
         slots = self._row_slots(req, kv)
         already = self.cache.insert(fill, slots, req.namespace)
         if already > req.cached_len:  # someone cached these meanwhile: use theirs, free ours
@@ -230,8 +233,8 @@ class Scheduler:
             slots = self._row_slots(req, kv)
             own = slots[req.cached_len:]
             if cache_kv:
-                already = self.cache.insert(req.fill_ids()[:kv], slots, req.namespace)
-                adopted_end = kv // self.page * self.page
+                already = self.cache.insert(req.token_ids()[:kv], slots, req.namespace)
+                adopted_end = kv // self.page_size * self.page_size
                 with self.kv_pool.free_group():
                     if already > req.cached_len:
                         self.kv_pool.free(slots[req.cached_len:already])
@@ -252,7 +255,47 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    # ---- phase 3 hooks ------------------------------------------------------------------------
+    # ---- phase 3 -----------------------------------------------------------------------------
+    def postprocess(self, batch: Batch, next_tokens: list[int]) -> list[Request]:
+        """End-of-step memory work: advance kv_len, share computed prefixes with the tree at
+        chunk ends, append each sampled token (`next_tokens`, one per `samples_next` item, in
+        item order). Returns the requests that got a token; finishing them is the caller's."""
+        sampled: list[Request] = []
+        tokens = iter(next_tokens)
+        for it in batch.items:
+            req = it.req
+            req.kv_len = it.end
+            # A decode step that feeds a prompt token (a chunk stopped one short of the prompt's
+            # end, or a cache hit covered all but the last token) is prefill work.
+            if batch.is_decode and req.output_ids:
+                self.decode_tokens += 1
+            else:
+                self.prefill_tokens += it.end - it.start
+                req.prefill_tokens += it.end - it.start
+            if not it.samples_next or not batch.is_decode:
+                self.cache_prefix(req)  # chunk boundary / prompt done: share the prefix early
+            if it.samples_next:
+                req.append_token(next(tokens))
+                sampled.append(req)
+        return sampled
+
+    def fail(self, batch: Batch) -> list[Request]:
+        """A forward of `batch` raised: free everything its requests hold (nothing of theirs
+        goes into the tree: the failed step's KV is not trusted) and mark them finished."""
+        reqs = []
+        for it in batch.items:
+            req = it.req
+            if req.status is not Status.RUNNING:
+                continue
+            with self.kv_pool.free_group():
+                self.kv_pool.free(it.slots)  # written (or not) by the failed forward
+                self._release(req, cache_kv=False)
+            self.running.remove(req)
+            req.status = Status.FINISHED
+            req.finish_reason = "error"
+            reqs.append(req)
+        return reqs
+
     def finish(self, req: Request, reason: str) -> None:
         """Release a request's memory (its KV goes into the tree) and mark it finished."""
         if req.status is Status.RUNNING:

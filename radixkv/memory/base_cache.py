@@ -12,14 +12,27 @@ Slot ownership (who frees what):
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
 Namespace = Any  # any hashable; None is a namespace of its own
 TokensLike = np.ndarray | torch.Tensor | list[int] | tuple[int, ...]
+
+
+class CacheNode:
+    """The node handle a prefix cache hands out (`MatchResult.node`): pass it back to `lock` /
+    `unlock`. Read-only for callers: `parent` is None at a namespace root, `children` maps a
+    child key to its node, `lock_ref` counts the requests that pin it."""
+
+    __slots__ = ()
+    parent: CacheNode | None
+    children: Mapping[Any, CacheNode]
+    lock_ref: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,13 +44,13 @@ class MatchResult:
     """
 
     slots: torch.Tensor
-    node: Any
+    node: CacheNode
     length: int
 
 
 @dataclass(slots=True, frozen=True)
 class CacheStats:
-    """Counters since construction or `reset()`."""
+    """Counters since construction or `clear()`."""
 
     query_tokens: int
     hit_tokens: int
@@ -71,20 +84,82 @@ def as_token_array(tokens: TokensLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-class PrefixCache(Protocol):
-    """What the engine needs from a prefix cache. See the module docstring for slot ownership."""
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    """Number of leading positions on which int arrays `a` and `b` agree (one vectorised scan)."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+class PrefixCache(abc.ABC):
+    """What the engine needs from a prefix cache. See the module docstring for slot ownership.
+
+    `RadixCache` implements it with a radix tree; `NaiveCache` is its no-op twin (every match a
+    miss, inserted slots freed at once) for A/B runs.
+    """
 
     page_size: int
+    #: True when inserted KV stays cached (and so may be shared while its request still runs).
+    #: A cache that keeps nothing frees what it is given, so callers insert only finished KV.
+    retains_slots: bool = False
 
+    @abc.abstractmethod
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
-                     record: bool = True) -> MatchResult: ...
-    def insert(self, tokens: TokensLike, slots: Any, namespace: Namespace = None) -> int: ...
-    def lock(self, node: Any) -> None: ...
-    def unlock(self, node: Any) -> None: ...
-    def evict(self, num_tokens: int) -> int: ...
-    def evictable_size(self) -> int: ...
-    def protected_size(self) -> int: ...
-    def total_size(self) -> int: ...
-    def stats(self) -> CacheStats: ...
-    def reset(self) -> None: ...
-    def check_invariants(self) -> None: ...
+                     record: bool = True) -> MatchResult:
+        """Longest cached, page-aligned prefix of `tokens`; `record=False` leaves stats alone."""
+
+    @abc.abstractmethod
+    def insert(self, tokens: TokensLike, slots: Any, namespace: Namespace = None) -> int:
+        """Adopt the page-aligned part of (tokens, slots); returns how much was cached before."""
+
+    @abc.abstractmethod
+    def lock(self, node: CacheNode) -> None:
+        """Pin `node` and its ancestors against eviction."""
+
+    @abc.abstractmethod
+    def unlock(self, node: CacheNode) -> None:
+        """Undo one `lock`; raises `LockError` when not locked."""
+
+    @abc.abstractmethod
+    def evict(self, num_tokens: int) -> int:
+        """Free at least `num_tokens` unlocked cached tokens if possible; returns tokens freed."""
+
+    @abc.abstractmethod
+    def evictable_size(self) -> int:
+        """Cached tokens no request pins."""
+
+    @abc.abstractmethod
+    def protected_size(self) -> int:
+        """Cached tokens pinned by running requests."""
+
+    @abc.abstractmethod
+    def total_size(self) -> int:
+        """Every cached token (== slots the cache holds)."""
+
+    @abc.abstractmethod
+    def stats(self) -> CacheStats:
+        """Counters since construction or `clear()`."""
+
+    @abc.abstractmethod
+    def clear(self) -> None:
+        """Drop everything cached (slots back to the pool) and zero the counters."""
+
+    def reset(self) -> None:
+        """Old name of `clear()`."""
+        self.clear()
+
+    @abc.abstractmethod
+    def walk(self) -> Iterator[tuple[CacheNode, int]]:
+        """Every non-root node with its depth (1 = child of a root), depth first."""
+
+    @abc.abstractmethod
+    def roots(self) -> dict[Namespace, CacheNode]:
+        """The root of each namespace that holds something."""
+
+    @abc.abstractmethod
+    def cached_slots(self) -> np.ndarray:
+        """Every slot the cache holds (int64)."""
+
+    @abc.abstractmethod
+    def check_invariants(self) -> None:
+        """Raise `InvariantError` if the cache or its pool accounting is inconsistent."""

@@ -23,6 +23,13 @@ SlotsLike = torch.Tensor | np.ndarray | list[int]
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
 
 
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+    """Bytes of K plus V for one token across all layers (what the pool allocates per slot)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * num_kv_heads * head_dim * elem
+
+
 def as_slot_array(slots: SlotsLike) -> np.ndarray:
     """View slot indices as a 1-D int64 numpy array (zero-copy for CPU int64 tensors)."""
     if type(slots) is np.ndarray and slots.dtype == np.int64 and slots.ndim == 1:
@@ -216,8 +223,7 @@ class TokenToKVPool:
 
     def bytes_per_token(self) -> int:
         """Bytes of K plus V for one token across all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     def total_bytes(self) -> int:
         """Bytes held by all K/V buffers, the reserved slot 0 included."""

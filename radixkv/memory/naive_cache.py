@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -9,9 +10,11 @@ import torch
 
 from radixkv.errors import InvalidSlotError, LockError
 from radixkv.memory.base_cache import (
+    CacheNode,
     CacheStats,
     MatchResult,
     Namespace,
+    PrefixCache,
     TokensLike,
     as_token_array,
 )
@@ -20,16 +23,18 @@ from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
 
-class _NoNode:
-    """The only node a NaiveCache hands out: empty, never evicted; locks are only counted."""
+class _NoNode(CacheNode):
+    """The only node a NaiveCache hands out: an empty root, never evicted; locks are counted."""
 
-    __slots__ = ("lock_ref",)
+    __slots__ = ("children", "lock_ref", "parent")
 
     def __init__(self) -> None:
+        self.parent = None
+        self.children = {}
         self.lock_ref = 0
 
 
-class NaiveCache:
+class NaiveCache(PrefixCache):
     """Same interface as `RadixCache`; every match is a miss and `insert` keeps nothing.
 
     `insert` adopts the slots of the sequence (as the radix tree would) and frees them at once, so
@@ -45,10 +50,10 @@ class NaiveCache:
         self.kv_pool = kv_pool
         self.page_size = page_size
         self._root = _NoNode()
-        self.reset()
+        self.clear()
 
-    def reset(self) -> None:
-        """Zero the counters."""
+    def clear(self) -> None:
+        """Zero the counters (nothing is cached)."""
         self._query = self._inserted = 0
 
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
@@ -69,10 +74,10 @@ class NaiveCache:
         self._inserted += n
         return 0
 
-    def lock(self, node: Any) -> None:
+    def lock(self, node: CacheNode) -> None:
         node.lock_ref += 1
 
-    def unlock(self, node: Any) -> None:
+    def unlock(self, node: CacheNode) -> None:
         if node.lock_ref <= 0:
             raise LockError("unlock of a node that is not locked")
         node.lock_ref -= 1
@@ -91,11 +96,20 @@ class NaiveCache:
         return 0
 
     def stats(self) -> CacheStats:
-        return CacheStats(self._query, 0, self._inserted, self._inserted, 0, 0, 0, 0)
+        """Queries and inserts are counted; an insert is dropped at once, so nothing is ever
+        evicted."""
+        return CacheStats(self._query, 0, 0, self._inserted, 0, 0, 0, 0)
+
+    def walk(self) -> Iterator[tuple[CacheNode, int]]:
+        return iter(())
+
+    def roots(self) -> dict[Namespace, CacheNode]:
+        return {}
 
     def check_invariants(self) -> None:
         """Nothing to check beyond the lock count."""
         assert self._root.lock_ref >= 0
 
     def cached_slots(self) -> np.ndarray:
+        """Nothing is cached."""
         return np.empty(0, dtype=np.int64)

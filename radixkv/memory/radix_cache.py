@@ -31,11 +31,14 @@ from sortedcontainers import SortedDict
 
 from radixkv.errors import InvalidSlotError, InvariantError, LockError
 from radixkv.memory.base_cache import (
+    CacheNode,
     CacheStats,
     MatchResult,
     Namespace,
+    PrefixCache,
     TokensLike,
     as_token_array,
+    common_prefix_len,
 )
 from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
 
@@ -43,7 +46,7 @@ _TOK = 4  # bytes per token in keys (int32)
 _EMPTY_SLOTS = np.empty(0, dtype=np.int64)
 
 
-class TreeNode:
+class TreeNode(CacheNode):
     """One edge of the radix tree: a run of tokens and their KV slots. Treat as read-only."""
 
     __slots__ = ("children", "parent", "key", "value", "child_key", "lock_ref", "last_access",
@@ -80,15 +83,11 @@ class TreeNode:
 
 
 def _first_mismatch(a: bytes, b: bytes) -> int:
-    """Number of leading int32 tokens on which `a` and `b` agree (a vectorised scan)."""
-    n = min(len(a), len(b)) // _TOK
-    x = np.frombuffer(a, dtype=np.int32, count=n)
-    y = np.frombuffer(b, dtype=np.int32, count=n)
-    diff = np.flatnonzero(x != y)
-    return int(diff[0]) if diff.size else n
+    """Number of leading int32 tokens on which the keys `a` and `b` agree."""
+    return common_prefix_len(np.frombuffer(a, dtype=np.int32), np.frombuffer(b, dtype=np.int32))
 
 
-class RadixCache:
+class RadixCache(PrefixCache):
     """Radix tree prefix cache over a `TokenToKVPool` (SGLang's RadixAttention semantics).
 
     Args:
@@ -258,13 +257,13 @@ class RadixCache:
         return CacheStats(self._query, self._hit, self._evicted, self._inserted, self._node_count,
                           self.total_size(), self._evictable, self._protected)
 
-    def reset(self) -> None:
+    def clear(self) -> None:
         """Drop every node (freeing its slots into the pool) and zero the counters.
 
         Raises `LockError` while any node is locked: a running request still reads those slots.
         """
         if self._protected:
-            raise LockError(f"reset while {self._protected} cached tokens are locked")
+            raise LockError(f"clear while {self._protected} cached tokens are locked")
         slots = self.cached_slots()
         if slots.size:
             self.kv_pool._release(slots)

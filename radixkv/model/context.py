@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radixkv.memory import TokenToKVPool
@@ -66,11 +67,42 @@ def get_forward_context() -> ForwardContext:
     return ctx
 
 
-def _cumsum0(lengths: list[int]) -> torch.Tensor:
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    if lengths:
-        out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    return out
+def make_forward_context(kv_pool: TokenToKVPool, *, starts: np.ndarray, ends: np.ndarray,
+                         out_slots: torch.Tensor, kv_indptr: torch.Tensor,
+                         kv_indices: torch.Tensor, logits: str | np.ndarray = "last",
+                         is_decode: bool | None = None,
+                         device: str | torch.device | None = None) -> ForwardContext:
+    """The one place a `ForwardContext` is assembled (the engine's runner and the test helper
+    below both come here).
+
+    Request b computes positions starts[b] .. ends[b] - 1 (int64 numpy arrays [B]). `logits` is
+    "last" (each request's last new token), "all" (every input row), or a bool mask [B] of the
+    requests whose last row is returned. Positions are built without a loop over tokens.
+    """
+    lens = ends - starts  # [B]
+    qo_indptr = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=qo_indptr[1:])
+    # positions: start_b, start_b + 1, ... for each request
+    positions = np.arange(qo_indptr[-1], dtype=np.int64) - np.repeat(qo_indptr[:-1] - starts, lens)
+    if isinstance(logits, str):
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+        rows = qo_indptr[1:] - 1 if logits == "last" else np.arange(qo_indptr[-1])
+    else:
+        rows = qo_indptr[1:][logits] - 1
+    if is_decode is None:
+        is_decode = bool((lens == 1).all())
+    dev = torch.device(device) if device is not None else kv_pool.device
+    return ForwardContext(
+        kv_pool=kv_pool,
+        is_decode=is_decode,
+        positions=torch.from_numpy(positions).to(dev),
+        out_slots=out_slots.to(dev),
+        qo_indptr=torch.from_numpy(qo_indptr).to(dev),
+        kv_indptr=kv_indptr.to(dev),
+        kv_indices=kv_indices.to(dev),
+        logits_indices=torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(dev),
+    )
 
 
 def build_forward_context(
@@ -101,27 +133,11 @@ def build_forward_context(
     new_t = [s.reshape(-1).to("cpu", torch.int64) for s in new_slots]
     if any(n.numel() == 0 for n in new_t):
         raise ValueError("every request needs at least one new token")
-    n_new = [n.numel() for n in new_t]
-    n_kv = [c.numel() + n.numel() for c, n in zip(cached_t, new_t, strict=True)]
-    positions = torch.cat([torch.arange(c.numel(), c.numel() + n.numel())
-                           for c, n in zip(cached_t, new_t, strict=True)])
-    qo_indptr = _cumsum0(n_new)
-    kv_indptr = _cumsum0(n_kv)
+    starts = np.array([c.numel() for c in cached_t], dtype=np.int64)
+    ends = starts + np.array([n.numel() for n in new_t], dtype=np.int64)
+    kv_indptr = np.zeros(len(ends) + 1, dtype=np.int64)
+    np.cumsum(ends, out=kv_indptr[1:])
     kv_indices = torch.cat([t for c, n in zip(cached_t, new_t, strict=True) for t in (c, n)])
-    if logits == "last":
-        logits_indices = qo_indptr[1:] - 1
-    else:
-        logits_indices = torch.arange(int(qo_indptr[-1]))
-    if is_decode is None:
-        is_decode = all(n == 1 for n in n_new)
-    dev = torch.device(device) if device is not None else kv_pool.device
-    return ForwardContext(
-        kv_pool=kv_pool,
-        is_decode=is_decode,
-        positions=positions.to(dev),
-        out_slots=torch.cat(new_t).to(dev),
-        qo_indptr=qo_indptr.to(dev),
-        kv_indptr=kv_indptr.to(dev),
-        kv_indices=kv_indices.to(dev),
-        logits_indices=logits_indices.to(dev),
-    )
+    return make_forward_context(kv_pool, starts=starts, ends=ends, out_slots=torch.cat(new_t),
+                                kv_indptr=torch.from_numpy(kv_indptr), kv_indices=kv_indices,
+                                logits=logits, is_decode=is_decode, device=device)
