@@ -320,7 +320,10 @@ def completion_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, fl
         text = decode(tok)
         tokens.append(text)
         lps.append(entry.get(tok, float("-inf")))
-        tops.append({decode(t): lp for t, lp in _ranked(entry, k)})
+        top: dict[str, float] = {}
+        for t, lp in _ranked(entry, k):
+            top.setdefault(decode(t), lp)  # two ids may decode alike: keep the likelier
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
