@@ -26,11 +26,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from radixkv.serving.launcher import ServerProcess  # noqa: E402
 from radixkv.serving.openai_protocol import supports_n  # noqa: E402
 from tests.model_fixtures import make_tiny_hf  # noqa: E402
+from tests.server_fixtures import chat_ids, hf_greedy, metrics, wait_idle  # noqa: E402
 
 CONTEXT = 4096  # the tiny model's context, raised so long streams fit
 NAME = "tiny-llama"
@@ -89,50 +89,6 @@ def hf(tiny_path: Path) -> Any:
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(str(tiny_path))
-
-
-def hf_greedy(hf: Any, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy continuation (EOS ignored) and the log-softmax rows that chose it [steps, V]."""
-    model, _ = hf
-    seq, rows = list(ids), []
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([seq])).logits[0, -1].float()
-            rows.append(torch.log_softmax(logits, -1))
-            seq.append(int(logits.argmax()))
-    return seq[len(ids):], torch.stack(rows)
-
-
-def chat_ids(hf: Any, messages: list[dict[str, str]]) -> list[int]:
-    return list(hf[1].apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=False))
-
-
-def metrics(srv: ServerProcess) -> dict[str, float]:
-    """The /metrics samples as {name{labels}: value}."""
-    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
-def wait_idle(srv: ServerProcess, timeout: float = 30.0) -> dict[str, float]:
-    """Metrics once nothing runs, waits or is admitted; asserts no KV slot leaked."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(srv)
-        idle = (m["radixkv_num_requests_running"] == 0 and m["radixkv_num_requests_waiting"] == 0
-                and m["radixkv_server_active_sequences"] == 0)
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert idle, f"server not idle after {timeout} s: {m}"
-    assert m["radixkv_kv_pool_free_tokens"] + m["radixkv_kv_cached_tokens"] == \
-        m["radixkv_kv_pool_size_tokens"], m
-    return m
 
 
 def unique_system() -> str:
@@ -448,6 +404,17 @@ def test_disconnect_mid_stream_frees_memory(server: ServerProcess, client: Any) 
     assert after["radixkv_request_finished_total{finish_reason=abort}"] == aborted0 + 1
     generated = after["radixkv_generation_tokens_total"] - before["radixkv_generation_tokens_total"]
     assert 3 <= generated < 3000
+
+
+def test_disconnect_while_waiting_for_a_whole_answer(server: ServerProcess) -> None:
+    before = wait_idle(server)
+    aborted0 = before.get("radixkv_request_finished_total{finish_reason=abort}", 0.0)
+    with openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0,
+                       timeout=1.5) as impatient, pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=NAME, prompt="a very long essay", max_tokens=3000,
+                                     extra_body={"ignore_eos": True})
+    after = wait_idle(server)  # the timed-out client closed the connection: aborted
+    assert after["radixkv_request_finished_total{finish_reason=abort}"] == aborted0 + 1
 
 
 def test_64_concurrent_streams_complete(server: ServerProcess, client: Any) -> None:

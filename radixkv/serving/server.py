@@ -91,6 +91,7 @@ class OpenAIServer:
         app.add_exception_handler(proto.APIError, self._on_api_error)
         app.add_exception_handler(StarletteHTTPException, self._on_http_error)
         app.add_exception_handler(RequestValidationError, self._on_validation_error)
+        app.add_exception_handler(errors.RadixKVError, self._on_radixkv_error)
         app.add_exception_handler(Exception, self._on_unexpected)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_text, methods=["GET"])
@@ -115,6 +116,13 @@ class OpenAIServer:
 
     async def _on_validation_error(self, request: Request, exc: Exception) -> JSONResponse:
         return self._error_response(proto.bad_request(str(exc)))
+
+    async def _on_radixkv_error(self, request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, errors.InvalidRequestError):
+            return self._error_response(proto.bad_request(str(exc)))
+        log.error("%s serving %s: %s", type(exc).__name__, request.url.path, exc)
+        return self._error_response(proto.APIError(500, f"{type(exc).__name__}: {exc}",
+                                                   "server_error"))
 
     async def _on_unexpected(self, request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error serving %s", request.url.path)
