@@ -2,9 +2,9 @@
 client (sync and async), on a tiny random Llama (an HF folder) whose greedy outputs and logprobs
 are checked against transformers running the same checkpoint.
 
-Three processes load at once when the module starts: `server` (most tests), `guarded` (an API
-key, two running sequences and no queue: 401 / 503 / pool limits) and `drained` (SIGTERM). Each
-is stopped at teardown, also when a test fails.
+Two processes load at once when the module starts: `server` (most tests) and `guarded` (an API
+key, two running sequences, no queue and a pool smaller than the context: 401 / 503 / pool limit,
+then SIGTERM). Both are stopped at teardown, also when a test fails.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from radixkv.serving.openai_protocol import supports_n  # noqa: E402
 from tests.model_fixtures import make_tiny_hf  # noqa: E402
 from tests.server_fixtures import chat_ids, hf_greedy, metrics, wait_idle  # noqa: E402
 
-CONTEXT = 4096  # the tiny model's context, raised so long streams fit
+CONTEXT = 8192  # the tiny model's context, raised so long streams fit
 NAME = "tiny-llama"
 KEY = "sekrit-key"
-GUARDED_POOL = 1024  # < CONTEXT: the pool is the binding limit there
+GUARDED_POOL = 4096  # < CONTEXT: the pool is the binding limit there
+DRAIN_S = 5  # the guarded server's --shutdown-timeout
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
@@ -46,21 +47,26 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _guarded_process(tiny_path: Path) -> ServerProcess:
+    return ServerProcess([str(tiny_path), "--served-model-name", NAME, "--api-key", KEY,
+                          "--max-running-requests", "2", "--max-queue", "0",
+                          "--max-total-tokens", str(GUARDED_POOL),
+                          "--shutdown-timeout", str(DRAIN_S)])
+
+
 @pytest.fixture(scope="module")
 def processes(tiny_path: Path) -> Any:
-    common = [str(tiny_path), "--served-model-name", NAME]
-    procs = {
-        "server": ServerProcess([*common, "--max-total-tokens", "16384"]),
-        "guarded": ServerProcess([*common, "--api-key", KEY, "--max-running-requests", "2",
-                                  "--max-queue", "0", "--max-total-tokens", str(GUARDED_POOL)]),
-        "drained": ServerProcess([*common, "--max-total-tokens", "8192",
-                                  "--shutdown-timeout", "3"]),
-    }
+    """Both servers, loading at once; stopped together at the end, also when a test failed."""
+    procs = {"server": ServerProcess([str(tiny_path), "--served-model-name", NAME,
+                                      "--max-total-tokens", "16384"]),
+             "guarded": _guarded_process(tiny_path)}
     try:
         for p in procs.values():
             p.launch()
         yield procs
     finally:
+        for p in procs.values():
+            p.signal(signal.SIGTERM)  # all drain in parallel
         for p in procs.values():
             p.stop()
 
@@ -70,8 +76,12 @@ def server(processes: dict[str, ServerProcess]) -> ServerProcess:
     return processes["server"].start()
 
 
-@pytest.fixture(scope="module")
-def guarded(processes: dict[str, ServerProcess]) -> ServerProcess:
+@pytest.fixture
+def guarded(processes: dict[str, ServerProcess], tiny_path: Path) -> ServerProcess:
+    """The API-key server with two running sequences and no queue (the SIGTERM test ends it:
+    then the next user gets a fresh one)."""
+    if processes["guarded"].proc is not None and processes["guarded"].proc.poll() is not None:
+        processes["guarded"] = _guarded_process(tiny_path)
     return processes["guarded"].start()
 
 
@@ -453,24 +463,25 @@ def test_64_concurrent_streams_complete(server: ServerProcess, client: Any) -> N
 
 
 # ---- shutdown ----------------------------------------------------------------------------------
-def test_sigterm_drains_then_exits_zero(processes: dict[str, ServerProcess]) -> None:
-    srv = processes["drained"].start()
-    with openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0, timeout=60) as c:
-        short = c.completions.create(model=NAME, prompt="short", max_tokens=40, stream=True,
+def test_sigterm_drains_then_exits_zero(guarded: ServerProcess) -> None:
+    srv = guarded
+    with openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0, timeout=60) as c:
+        short = c.completions.create(model=NAME, prompt="short", max_tokens=20, stream=True,
                                      extra_body={"ignore_eos": True})
-        long = c.completions.create(model=NAME, prompt="long", max_tokens=3500, stream=True,
-                                    extra_body={"ignore_eos": True})
+        long = c.completions.create(model=NAME, prompt="long", max_tokens=GUARDED_POOL - 100,
+                                    stream=True, extra_body={"ignore_eos": True})
         short_it, long_it = iter(short), iter(long)
         first = [next(short_it), next(long_it)]
         srv.signal(signal.SIGTERM)
         time.sleep(0.3)
         with pytest.raises(openai.APIStatusError) as exc:  # no longer accepting
             c.completions.create(model=NAME, prompt="late", max_tokens=2)
-        assert exc.value.status_code == 503
+        _assert_error(exc, 503, "service_unavailable_error")
+        assert exc.value.body["code"] == "shutting_down"
         assert httpx.get(f"{srv.url}/health").status_code == 503
         short_chunks = [*first[:1], *short_it]
         long_chunks = [*first[1:], *long_it]
     assert short_chunks[-1].choices[0].finish_reason == "length"  # finished within the timeout
     assert sum(1 for ch in short_chunks for c in ch.choices if c.text) >= 1
-    assert long_chunks[-1].choices[0].finish_reason == "abort"  # cut at the timeout (3 s)
+    assert long_chunks[-1].choices[0].finish_reason == "abort"  # cut at the timeout
     assert srv.wait(timeout=60) == 0
