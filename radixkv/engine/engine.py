@@ -24,7 +24,10 @@ from radixkv.engine.schedule_policy import POLICIES
 from radixkv.engine.scheduler import Batch, Scheduler
 from radixkv.errors import ConfigError, EngineError, InvalidRequestError
 from radixkv.memory import NaiveCache, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.memory.tiers import DEFAULT_PAGE_TOKENS, KVTier, open_store, weights_fingerprint
 from radixkv.model import LoadedModel
+
+FETCH_POLL_S = 0.02  # an idle step waits this long for a KV-tier fetch to land
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -43,6 +46,9 @@ class EngineConfig:
     schedule_policy: str = "lpm"
     chunked_prefill_size: int = 512
     seed: int = 0
+    kv_store: str | None = None  # "file:///dir" or "redis://host:port/db": a KV tier below
+    kv_store_write_through: bool = False  # also store prompts' pages as soon as computed
+    kv_tier_page_tokens: int = DEFAULT_PAGE_TOKENS
 
     def __post_init__(self) -> None:
         for name in ("max_total_tokens", "max_running_requests", "page_size",
@@ -56,6 +62,14 @@ class EngineConfig:
                               f"got {self.enable_prefix_cache!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.kv_store is not None and not isinstance(self.kv_store, str):
+            raise ConfigError(f"kv_store must be a URL string or None, got {self.kv_store!r}")
+        _positive_int("kv_tier_page_tokens", self.kv_tier_page_tokens)
+        if self.kv_tier_page_tokens % self.page_size:
+            raise ConfigError(f"kv_tier_page_tokens ({self.kv_tier_page_tokens}) must be a "
+                              f"multiple of page_size ({self.page_size})")
+        if self.kv_store is not None and not self.enable_prefix_cache:
+            raise ConfigError("a kv_store needs the prefix cache (enable_prefix_cache=True)")
 
 
 class Engine:
@@ -73,9 +87,10 @@ class Engine:
                                        device=lm.device)
         cache_cls = RadixCache if config.enable_prefix_cache else NaiveCache
         self.cache = cache_cls(self.kv_pool, page_size=config.page_size)
+        self.tier = self._open_tier(lm, config)
         self.scheduler = Scheduler(self.cache, self.kv_pool, self.req_pool,
                                    config.schedule_policy, config.chunked_prefill_size,
-                                   config.max_running_requests)
+                                   config.max_running_requests, tier=self.tier)
         self.runner = ModelRunner(lm, self.kv_pool, self.req_pool)
         self.sampler = Sampler(config.seed)
         self.eos_ids = frozenset(cfg.eos_token_ids)
@@ -85,6 +100,26 @@ class Engine:
                          "requests_finished": 0, "errors": 0}
         self.finish_reasons: dict[str, int] = {}
         self.step_time = {"schedule": 0.0, "forward": 0.0, "process": 0.0}  # seconds, summed
+
+    def _open_tier(self, lm: LoadedModel, config: EngineConfig) -> KVTier | None:
+        url = config.kv_store
+        if url is None:
+            return None
+        if url == "host":
+            if lm.device.type != "cuda":
+                raise ConfigError("kv_store='host' is a pinned host-memory tier below a CUDA "
+                                  "pool; on the CPU the pool already is host memory (use "
+                                  "file:// or redis://)")
+            raise ConfigError("kv_store='host' is not available in this build; use file:// or "
+                              "redis://")
+        store = open_store(url)
+        return KVTier(store, self.kv_pool, weights_fingerprint(lm.model),
+                      config.kv_tier_page_tokens, config.kv_store_write_through)
+
+    def close(self) -> None:
+        """Flush and close the KV tier (bounded time); the engine is unusable afterwards."""
+        if self.tier is not None:
+            self.tier.close()
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_ids: Sequence[int] | np.ndarray, params: SamplingParams,
@@ -166,6 +201,7 @@ class Engine:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()  # 1. schedule
         if batch is None:
+            self.scheduler.wait_for_fetches(FETCH_POLL_S)  # only tier fetches are pending
             return []
         t1 = time.perf_counter()
         try:
@@ -175,6 +211,10 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - any model failure becomes the batch's error
             return self._fail(batch, exc)
         t2 = time.perf_counter()
+        if not batch.is_decode and t2 > t1:  # prefill speed, for the tier's fetch-or-compute
+            rate = batch.num_tokens / (t2 - t1)
+            prev = self.scheduler.prefill_tokens_per_s
+            self.scheduler.prefill_tokens_per_s = rate if prev is None else 0.8 * prev + 0.2 * rate
         touched = self._process(batch, sample.tokens, sample.logprobs)  # 3. process outputs
         t3 = time.perf_counter()
         st = self.step_time
@@ -319,6 +359,7 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "steps": c["steps"],
             "host_time_share": (st["schedule"] + st["process"]) / busy if busy else 0.0,
+            **(self.tier.snapshot() if self.tier is not None else {}),
         }
 
     def check_no_leak(self) -> None:

@@ -149,6 +149,7 @@ class EngineLoop:
             if stop:
                 for rid in list(self._sinks):
                     self._abort(rid)
+                engine.close()  # flushes the KV tier's pending writes (bounded)
                 return
             if engine.has_work():
                 self._step()

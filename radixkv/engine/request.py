@@ -56,6 +56,7 @@ class Request:
     error: BaseException | None = None  # set when finish_reason == "error"
     detokenizer: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
+    tier_lookup: Any = None  # KV tier: None unchecked, a Future in flight, True once settled
     logprobs: list[dict[int, float]] | None = None  # per generated token, when asked for
     cumulative_logprob: float = 0.0
     arrival: float = field(default_factory=time.time)

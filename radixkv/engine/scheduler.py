@@ -13,11 +13,17 @@ Slot ownership across a request's life (positions of its row in req_to_token):
 | forward failed       | unlocked: evictable  | everything -> free list (the KV of |
 |                      |                      | the failed step is not trusted)    |
 
+KV tier (optional): before admission, pages fetched for a waiting request go free list -> slots
+written from the tier -> tree (insert; duplicates of what the tree gained meanwhile -> free
+list), so the request is admitted with them as an ordinary tree hit. Leaves evicted from the tree
+are copied to the tier (write-back) before their slots return to the free list.
+
 Invariant when idle: pool free slots + tree slots == pool size.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections import deque
 from dataclasses import dataclass
 
@@ -30,6 +36,7 @@ from radixkv.errors import OutOfSlotsError
 from radixkv.memory.base_cache import PrefixCache, common_prefix_len
 from radixkv.memory.kv_pool import TokenToKVPool
 from radixkv.memory.req_pool import ReqToTokenPool
+from radixkv.memory.tiers import KVTier, PageRun
 
 DEFER_MIN_SHARED = 16  # tokens of not-yet-cached overlap that make a request wait one step
 HEADROOM_STEPS = 16  # decode steps of each running request kept free when admitting another
@@ -61,7 +68,7 @@ class Scheduler:
 
     def __init__(self, cache: PrefixCache, kv_pool: TokenToKVPool, req_pool: ReqToTokenPool,
                  policy: str = "lpm", chunked_prefill_size: int = 512,
-                 max_running_requests: int = 64) -> None:
+                 max_running_requests: int = 64, tier: KVTier | None = None) -> None:
         self.cache = cache
         self.kv_pool = kv_pool
         self.req_pool = req_pool
@@ -74,6 +81,10 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefill_tokens = 0  # tokens sent through extend (prompt tokens fed by decode too)
         self.decode_tokens = 0
+        self.tier = tier
+        self.prefill_tokens_per_s: float | None = None  # measured by the engine, for the tier
+        if tier is not None and cache.retains_slots:
+            cache.evict_hook = tier.save  # write-back of evicted prefixes
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -113,6 +124,8 @@ class Scheduler:
                     break
                 if items and self._waits_for_batch(req, items):
                     continue
+                if self.tier is not None and not self._tier_settled(req):
+                    continue  # its pages are being fetched: others go first
                 if not self._admit(req):
                     break
                 item = self._extend_item(req, budget)
@@ -144,6 +157,67 @@ class Scheduler:
             if shared - it.start >= DEFER_MIN_SHARED:
                 return True
         return False
+
+    # ---- KV tier -----------------------------------------------------------------------------
+    def _tier_settled(self, req: Request) -> bool:
+        """False while a fetch for `req` is in flight; starts one on first sight, installs the
+        fetched pages into the tree once it is done."""
+        state = req.tier_lookup
+        if state is True:
+            return True
+        if state is None:
+            if not self.cache.retains_slots:
+                req.tier_lookup = True
+                return True
+            ids = req.token_ids()
+            t = self.tier.page_tokens
+            m = self.cache.match_prefix(ids[:-1], req.namespace, record=False)
+            first, last = m.length // t, (len(ids) - 1) // t  # full pages before the last token
+            if last <= first or not self.tier.worth_fetching((last - first) * t,
+                                                             self.prefill_tokens_per_s):
+                req.tier_lookup = True
+                return True
+            req.tier_lookup = self.tier.lookup(req.namespace, ids, first, last - first)
+            return False
+        if not state.done():
+            return False
+        req.tier_lookup = True
+        self._install_pages(req, state.result())
+        return True
+
+    def wait_for_fetches(self, timeout: float) -> None:
+        """Block up to `timeout` s until a waiting request's tier fetch lands (if any runs)."""
+        pending = [r.tier_lookup for r in self.waiting
+                   if r.tier_lookup is not None and r.tier_lookup is not True]
+        if pending:
+            concurrent.futures.wait(pending, timeout, concurrent.futures.FIRST_COMPLETED)
+
+    def _install_pages(self, req: Request, run: PageRun) -> None:
+        """Put fetched pages into the tree (locked while slots are found, so the prefix they
+        extend cannot be evicted under them)."""
+        if not run.payloads:
+            return
+        t = self.tier.page_tokens
+        ids = req.token_ids()
+        m = self.cache.match_prefix(ids[:-1], req.namespace, record=False)
+        start, end = run.first_page * t, (run.first_page + len(run.payloads)) * t
+        skip = max(0, m.length - start) // t  # pages the tree gained meanwhile
+        start += skip * t
+        if start >= end or start > m.length:  # nothing new, or the tree lost the prefix before
+            return
+        self.cache.lock(m.node)
+        try:
+            slots = self._alloc(end - start)
+            if slots is None:
+                return
+            self.tier.load(slots, run.payloads[skip:])
+            full = torch.cat([m.slots[:start], slots])
+            already = self.cache.insert(ids[:end], full, req.namespace)
+            if already > start:
+                self.kv_pool.free(slots[:already - start])
+            self.tier.stats.hit_tokens += end - max(already, start)
+        finally:
+            self.cache.unlock(m.node)
 
     def _schedule_decode(self) -> Batch | None:
         while True:
@@ -274,6 +348,9 @@ class Scheduler:
                 req.prefill_tokens += it.end - it.start
             if not it.samples_next or not batch.is_decode:
                 self.cache_prefix(req)  # chunk boundary / prompt done: share the prefix early
+                if it.samples_next and self.tier is not None and self.tier.write_through:
+                    self.tier.save(req.namespace, req.token_ids()[:req.kv_len],
+                                   self._row_slots(req, req.kv_len))
             if it.samples_next:
                 req.append_token(next(tokens))
                 sampled.append(req)

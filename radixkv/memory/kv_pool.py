@@ -221,6 +221,11 @@ class TokenToKVPool:
         self.k_buffers[layer][slots] = k
         self.v_buffers[layer][slots] = v
 
+    def slot_buffers(self) -> list[torch.Tensor]:
+        """Every buffer indexed by slot in dim 0 (all layers' K, then V): what a slot's KV is,
+        for copying it out to a KV tier and back."""
+        return [*self.k_buffers, *self.v_buffers]
+
     def bytes_per_token(self) -> int:
         """Bytes of K plus V for one token across all layers."""
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)

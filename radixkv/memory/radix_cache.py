@@ -21,7 +21,7 @@ evictable leaves kept up to date incrementally, O(log n) per evicted node.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import numpy as np
@@ -117,6 +117,10 @@ class RadixCache(PrefixCache):
         self._protected = 0
         self._node_count = 0
         self._query = self._hit = self._evicted = self._inserted = 0
+        # Called as evict_hook(namespace, path_tokens, path_slots, leaf_start) for every leaf
+        # about to be evicted, while its slots (and its ancestors') still hold its KV: the KV
+        # tiers write evicted prefixes back this way.
+        self.evict_hook: Callable[[Namespace, np.ndarray, np.ndarray, int], None] | None = None
 
     # ---- public API -------------------------------------------------------------------------
     def match_prefix(self, tokens: TokensLike, namespace: Namespace = None, *,
@@ -222,6 +226,8 @@ class RadixCache(PrefixCache):
         while freed < num_tokens and leaves:
             _, node = leaves.popitem(0)
             node.evict_key = None
+            if self.evict_hook is not None:
+                self._report_eviction(node)
             parent = node.parent
             del parent.children[node.child_key]
             size = len(node.value)
@@ -239,6 +245,18 @@ class RadixCache(PrefixCache):
             self.kv_pool._release(released[0] if len(released) == 1 else np.concatenate(released))
         self._evicted += freed
         return freed
+
+    def _report_eviction(self, node: TreeNode) -> None:
+        """Hand the evicted leaf, with its whole root path (tokens, slots), to `evict_hook`."""
+        keys, values = [], []
+        n: TreeNode | None = node
+        while n is not None and n.parent is not None:
+            keys.append(n.key or b"")
+            values.append(n.value)
+            n = n.parent
+        tokens = np.frombuffer(b"".join(reversed(keys)), dtype=np.int32)
+        slots = np.concatenate(values[::-1])
+        self.evict_hook(node.namespace, tokens, slots, len(tokens) - len(node.value))
 
     def evictable_size(self) -> int:
         """Tokens in unlocked nodes (O(1))."""

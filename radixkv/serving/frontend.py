@@ -49,7 +49,8 @@ class Frontend:
                  device: str = "cpu", max_total_tokens: int | None = None,
                  max_running_requests: int = 64, page_size: int = 1,
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",
-                 chunked_prefill_size: int = 512, seed: int = 0) -> None:
+                 chunked_prefill_size: int = 512, seed: int = 0,
+                 kv_store: str | None = None, kv_store_write_through: bool = False) -> None:
         from radixkv.model import LoadedModel, load_model
 
         # Validate the options before the (slow) model load; the pool size is checked again
@@ -57,7 +58,8 @@ class Frontend:
         EngineConfig(max_total_tokens=max_total_tokens or 1,
                      max_running_requests=max_running_requests, page_size=page_size,
                      enable_prefix_cache=enable_prefix_cache, schedule_policy=schedule_policy,
-                     chunked_prefill_size=chunked_prefill_size, seed=seed)
+                     chunked_prefill_size=chunked_prefill_size, seed=seed, kv_store=kv_store,
+                     kv_store_write_through=kv_store_write_through)
         # An already loaded model may be shared, e.g. by a cache-on and a cache-off LLM in an
         # A/B run; each front end still has its own pools, tree and loop.
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype,
@@ -69,7 +71,7 @@ class Frontend:
             max_total_tokens=max_total_tokens, max_running_requests=max_running_requests,
             page_size=page_size, enable_prefix_cache=enable_prefix_cache,
             schedule_policy=schedule_policy, chunked_prefill_size=chunked_prefill_size,
-            seed=seed))
+            seed=seed, kv_store=kv_store, kv_store_write_through=kv_store_write_through))
         self.loop = EngineLoop(self.engine)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-{id(self):x}"

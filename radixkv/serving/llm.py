@@ -38,6 +38,10 @@ class LLM(Frontend):
         schedule_policy: "lpm" (longest prefix match first), "fcfs" or "dfs-weight".
         chunked_prefill_size: most prompt tokens computed in one step.
         seed: seed of the generator shared by requests without a seed of their own.
+        kv_store: a KV tier below the pool: "file:///dir" (survives restarts) or
+            "redis://host:port/db" (shared by every engine pointing at it). Evicted prefixes are
+            written there and fetched back on a tree miss.
+        kv_store_write_through: also store each prompt's pages as soon as they are computed.
     Bad options raise `ConfigError`, bad requests `InvalidRequestError` (before anything runs).
     """
 
