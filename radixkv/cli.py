@@ -246,6 +246,10 @@ def _add_serve(sub: Subparsers) -> None:
     g.add_argument("--disable-prefix-cache", dest="enable_prefix_cache", action="store_false",
                    help="no sharing (the A/B baseline)")
     g.add_argument("--seed", type=int, default=0, help="sampler seed, default 0")
+    g.add_argument("--kv-store", default=None, metavar="URL",
+                   help="a KV tier below the pool: file:///dir or redis://host:port/db")
+    g.add_argument("--kv-store-write-through", action="store_true",
+                   help="store each prompt's pages as soon as they are computed")
     p.set_defaults(func=_run_serve)
 
 
@@ -272,7 +276,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                    max_running_requests=args.max_running_requests, page_size=args.page_size,
                    enable_prefix_cache=args.enable_prefix_cache,
                    schedule_policy=args.schedule_policy,
-                   chunked_prefill_size=args.chunked_prefill_size, seed=args.seed)
+                   chunked_prefill_size=args.chunked_prefill_size, seed=args.seed,
+                   kv_store=args.kv_store, kv_store_write_through=args.kv_store_write_through)
     config = ServerConfig(served_model_name=args.served_model_name, api_key=args.api_key,
                           max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
     return run_server(llm, config, args.host, args.port, args.max_running_requests,

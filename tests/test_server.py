@@ -110,6 +110,19 @@ def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
 
+# ---- command line ------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--max-queue", "-1"],
+                                  ["--shutdown-timeout", "-2"], ["--api-key", ""],
+                                  ["/no/such/model.gguf"]])
+def test_serve_rejects_bad_options_before_serving(argv: list[str],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from radixkv.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radixkv serve: error:") and "Traceback" not in err
+
+
 # ---- endpoints and shapes ----------------------------------------------------------------------
 def test_health_models_and_unknown_route(server: ServerProcess, client: Any) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
