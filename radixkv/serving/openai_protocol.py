@@ -115,6 +115,11 @@ _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_ident
                       "prompt_cache_key", "prompt_cache_retention"})
 
 
+def _unset(value: Any) -> bool:
+    """An explicit null, false or empty list / object: a field not really used."""
+    return value is None or value is False or (isinstance(value, list | dict) and not value)
+
+
 def parse_request(kind: type[_SamplingRequest], body: Any) -> _SamplingRequest:
     """Validate a JSON body; unknown or unimplemented fields -> 400 naming them."""
     if not isinstance(body, dict):
@@ -127,7 +132,7 @@ def parse_request(kind: type[_SamplingRequest], body: Any) -> _SamplingRequest:
         raise bad_request(f"{loc or 'body'}: {err.get('msg', 'invalid value')}",
                           param=str(err["loc"][0]) if err.get("loc") else None) from None
     unsupported = sorted(k for k, v in (req.model_extra or {}).items()
-                         if k not in _IGNORED and v not in (None, [], {}, False))
+                         if k not in _IGNORED and not _unset(v))
     if unsupported:
         raise bad_request(f"unsupported parameter(s): {', '.join(unsupported)} (radixkv does "
                           f"not implement them)", param=unsupported[0],
@@ -143,7 +148,7 @@ def parse_request(kind: type[_SamplingRequest], body: Any) -> _SamplingRequest:
             raise bad_request("best_of other than n is not supported", param="best_of",
                               code="unsupported_parameter")
     for i, msg in enumerate(getattr(req, "messages", None) or []):
-        if msg.model_extra and any(v not in (None, [], {}) for v in msg.model_extra.values()):
+        if msg.model_extra and not all(_unset(v) for v in msg.model_extra.values()):
             names = ", ".join(sorted(msg.model_extra))
             raise bad_request(f"messages[{i}]: unsupported field(s) {names}",
                               param=f"messages[{i}]", code="unsupported_parameter")
@@ -293,8 +298,15 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: an impossible token gets this instead
+
+
+def _finite(lp: float) -> float:
+    return lp if lp > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def _ranked(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+    return [(t, _finite(lp)) for t, lp in sorted(entry.items(), key=lambda kv: -kv[1])[:k]]
 
 
 def chat_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, float]], k: int,
@@ -304,7 +316,7 @@ def chat_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, float]],
     for tok, entry in zip(token_ids, entries, strict=False):
         text = decode(tok)
         content.append({
-            "token": text, "logprob": entry.get(tok, float("-inf")),
+            "token": text, "logprob": _finite(entry.get(tok, float("-inf"))),
             "bytes": list(text.encode("utf-8")),
             "top_logprobs": [{"token": decode(t), "logprob": lp,
                               "bytes": list(decode(t).encode("utf-8"))}
@@ -319,7 +331,7 @@ def completion_logprobs(token_ids: Sequence[int], entries: Sequence[dict[int, fl
     for tok, entry in zip(token_ids, entries, strict=False):
         text = decode(tok)
         tokens.append(text)
-        lps.append(entry.get(tok, float("-inf")))
+        lps.append(_finite(entry.get(tok, float("-inf"))))
         top: dict[str, float] = {}
         for t, lp in _ranked(entry, k):
             top.setdefault(decode(t), lp)  # two ids may decode alike: keep the likelier

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from radixkv import errors
 from radixkv.serving import openai_protocol as proto
 from radixkv.serving.metrics import CONTENT_TYPE, ServerMetrics
-from radixkv.serving.sse import StreamSpec, sse_events
+from radixkv.serving.sse import StreamSpec, anext_or_none, sse_events
 
 log = logging.getLogger("radixkv.serve")
 T = TypeVar("T")
@@ -244,9 +244,11 @@ class OpenAIServer:
                 raise proto.bad_request(f"n = {n}: this engine build returns "
                                         f"{len(first[1].outputs)} sample(s) per request",
                                         param="n", code="unsupported_parameter")
-        except BaseException:
+        except BaseException as exc:
             await aclose_shielded(outputs)
             release()
+            if isinstance(exc, ClientGone):
+                return Response(status_code=499)  # nobody reads it; the request was aborted
             raise
         if req.stream:
             async def cleanup() -> None:
@@ -399,13 +401,6 @@ class OpenAIServer:
             self._abort_deadline = now + 5.0
             return False
         return now >= self._abort_deadline
-
-
-async def anext_or_none(it: AsyncIterator[T]) -> T | None:
-    try:
-        return await it.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 async def aclose_shielded(it: Any) -> None:

@@ -12,12 +12,13 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from radixkv import errors
 from radixkv.serving import openai_protocol as proto
 
 log = logging.getLogger("radixkv.serve")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -107,7 +108,7 @@ async def sse_events(spec: StreamSpec, first: tuple[int, Any] | None,
             for c in out.outputs:
                 for event in _choice_events(spec, streams, pi * spec.n + c.index, c):
                     yield event
-            pending = await proto_anext(outputs)
+            pending = await anext_or_none(outputs)
     except errors.RadixKVError as exc:  # the engine failed mid-stream: say so, then end
         log.warning("stream %s failed: %s", spec.rid, exc)
         err = proto.APIError(500 if not isinstance(exc, errors.InvalidRequestError) else 400,
@@ -142,7 +143,8 @@ def _choice_events(spec: StreamSpec, streams: dict[int, proto.ChoiceStream], ind
     return events
 
 
-async def proto_anext(it: AsyncIterator[Any]) -> Any:
+async def anext_or_none(it: AsyncIterator[T]) -> T | None:
+    """The next item, or None once the iterator is exhausted."""
     try:
         return await it.__anext__()
     except StopAsyncIteration:
