@@ -161,15 +161,24 @@ def bench_server(name: str, base_url: str | None, levels: list[int], rounds: int
 
 def hf_folder_from_gguf(gguf: str, out: Path) -> Path:
     """The GGUF's weights as an fp32 Hugging Face folder (transformers dequantizes)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if (out / "config.json").exists():
         return out
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion bar
     path = Path(gguf)
-    import torch
-
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                  dtype=torch.float32)
+    # transformers will not save a GGUF-loaded model: copy its (dequantized) weights into a
+    # plain one of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(out))
     return out
