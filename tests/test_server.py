@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -473,6 +477,22 @@ def test_64_concurrent_streams_complete(server: ServerProcess, client: Any) -> N
         assert tokens == completion == 12  # every token arrived
         assert text == want[q]
     wait_idle(server)
+
+
+def test_serve_demo_against_the_server(server: ServerProcess) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "examples/serve_demo.py", "--url", server.url,
+                           "--users", "2", "--turns", "2", "--max-tokens", "4"], cwd=root,
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    turns = {(int(t), u): (int(c), int(p)) for t, u, c, p in re.findall(
+        r"turn (\d) (\w+): .*?\n.*?\n\s+cached (\d+)/(\d+) prompt tokens", done.stdout)}
+    users = {u for _, u in turns}
+    assert len(users) == 2 and len(turns) == 4, done.stdout
+    for u in users:  # turn 2's prompt starts with all of turn 1's
+        assert turns[(2, u)][0] >= turns[(1, u)][1]
+    assert "hit rate" in done.stdout
 
 
 # ---- shutdown ----------------------------------------------------------------------------------
