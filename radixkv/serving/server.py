@@ -235,7 +235,7 @@ class OpenAIServer:
                 released = True
                 self.active -= seqs
 
-        outputs = self._outputs(prompts, params, req.cache_salt, rid, spec)
+        outputs = self._outputs(prompts, params, req.cache_salt, rid)
         try:
             first = await self._until_disconnect(request, anext_or_none(outputs))
             if first is not None and len(first[1].outputs) < n:
@@ -310,7 +310,7 @@ class OpenAIServer:
                     await self.llm.abort(rid)
 
     async def _outputs(self, prompts: list[list[int]], params: list[Any], namespace: Any,
-                       rid: str, spec: StreamSpec) -> Outputs:
+                       rid: str) -> Outputs:
         """(prompt index, RequestOutput) of every prompt, merged as they come; the last output
         of each prompt is counted in the metrics, finished or not."""
         last: dict[int, Any] = {}
