@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             results["vllm"] = bench_server("vllm", f"http://127.0.0.1:{port}/v1", levels,
                                            args.rounds, args.max_tokens)
         except RuntimeError as exc:
-            print(f"vLLM not measured: {exc} (log: {log})")
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            why = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+            print(f"vLLM not measured: {exc}: {why.strip()} (log: {log})")
         finally:
             proc.terminate()
             try:
