@@ -1,6 +1,6 @@
-"""Benchmarks: standalone scripts (`tree_ops.py`, `engine.py`, ...) and the prefix-sharing suite.
+"""Standalone micro-benchmarks: `tree_ops.py`, `attention.py`, `model.py`, `engine.py`.
 
-`python -m bench` runs the suite (`bench/suite/`): token-level workloads replayed on the memory
-levels and on a model, achieved prefix-cache hit rates beside their optima, throughput, time to
-first token and KV memory, written to `results/summary.md`, `results/results.json` and PNG plots.
+The prefix-sharing suite (token-level workloads replayed on the memory levels and on a model,
+hit rates beside their optima, throughput, time to first token, KV memory) is part of the package,
+`radixkv/bench/`, and runs as `radixkv bench`; `python -m bench` here is a shim for it.
 """

@@ -1,11 +1,11 @@
-"""`python -m bench [--quick] [--workload NAME ...] [--seed N] [--out DIR]`: the prefix-sharing
-benchmark suite (see `bench/suite/run.py` for every option)."""
+"""`python -m bench [options]` from a source checkout: a shim for `radixkv bench [options]` (the
+suite lives in the package, `radixkv/bench/`)."""
 
 from __future__ import annotations
 
 import sys
 
-from bench.suite.run import main
+from radixkv.bench.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

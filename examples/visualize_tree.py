@@ -1,8 +1,9 @@
 """Radix tree visualiser walk-through on a real RadixCache and TokenToKVPool.
 
-Serves four chat prompts that share a system prompt (one user comes back for a second turn), then
-starts a fifth request that stays running; the pool is sized so that it must evict the least
-recently used leaf. Prints the tree (decoded with the default model's tokenizer when it loads,
+The real scheduler (scripted answers standing in for a model) serves four chat prompts that
+share a system prompt (one user comes back for a second turn), then starts a fifth request that
+stays running; the pool is sized so that its decode steps make the scheduler evict the least
+recently used leaves. Prints the tree (decoded with the default model's tokenizer when it loads,
 else a word tokenizer), the same tree as token ids, and the KV pool's memory map, and writes
 tree.txt, tree.dot, tree.png, memory_map.txt and memory_map.png. Same as `radixkv viz`.
 

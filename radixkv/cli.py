@@ -134,8 +134,9 @@ def _run_simulate(args: argparse.Namespace) -> int:
 def _add_viz(sub: Subparsers) -> None:
     p = sub.add_parser(
         "viz", help="draw a radix tree built from chat prompts, and the KV pool's memory map",
-        description="Serve a few chat prompts through a real RadixCache and TokenToKVPool and "
-                    "write tree.txt, tree.dot, tree.png, memory_map.txt and memory_map.png.")
+        description="Serve a few chat prompts through radixkv's real scheduler, RadixCache and "
+                    "TokenToKVPool (scripted answers stand in for a model) and write tree.txt, "
+                    "tree.dot, tree.png, memory_map.txt and memory_map.png.")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
     p.add_argument("--tokenizer", choices=("auto", "model", "word"), default="auto",
                    help="auto: the default model's tokenizer when it loads, else a word "
@@ -161,24 +162,8 @@ def _run_viz(args: argparse.Namespace) -> int:
 
 
 # ---- bench -------------------------------------------------------------------------------------
-def _bench_importable() -> bool:
-    """Make the source checkout's `bench/` package importable (it is not installed with radixkv:
-    `radixkv bench` works from a source or editable install)."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    if (root / "bench" / "suite" / "options.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.util.find_spec("bench.suite.options") is not None
-
-
 def _add_bench(sub: Subparsers) -> None:
-    if not _bench_importable():
-        p = sub.add_parser("bench", help="prefix-sharing benchmark suite (source checkout only)")
-        p.set_defaults(func=_run_bench_missing)
-        return
-    from bench.suite.options import DESCRIPTION, add_arguments  # argparse only: cheap
+    from radixkv.bench.options import DESCRIPTION, add_arguments  # argparse only: cheap
 
     p = sub.add_parser("bench", help="prefix-sharing benchmark suite: hit rates vs optima, "
                        "throughput, TTFT, KV memory", description=DESCRIPTION)
@@ -187,16 +172,9 @@ def _add_bench(sub: Subparsers) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from bench.suite.run import execute
+    from radixkv.bench.run import execute
 
     return execute(args)
-
-
-def _run_bench_missing(args: argparse.Namespace) -> int:
-    from radixkv.errors import ConfigError
-
-    raise ConfigError("the benchmark suite lives in the source tree's bench/ folder; run "
-                      "`python -m bench` from a radixkv checkout")
 
 
 # ---- serve -------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The prefix-sharing benchmark suite (`bench/suite/`): its optima checked against brute force and
-hand-computed cases, its replays against the bounds, and `python -m bench --quick` end to end."""
+"""The prefix-sharing benchmark suite (`radixkv/bench/`): its optima checked against brute force
+and hand-computed cases, its replays against the bounds, and `radixkv bench --quick` end to end."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.suite import optimal, workloads
-from bench.suite.memory_runs import SYSTEMS, System, run_memory
-from bench.suite.metrics import hit_metrics
-from bench.suite.options import WORKLOAD_NAMES
-from bench.suite.report import run_checks
-from bench.suite.workloads import Trace, TraceRequest
+from radixkv.bench import optimal, workloads
+from radixkv.bench.memory_runs import SYSTEMS, System, run_memory
+from radixkv.bench.metrics import hit_metrics
+from radixkv.bench.options import WORKLOAD_NAMES
+from radixkv.bench.report import run_checks
+from radixkv.bench.workloads import Trace, TraceRequest
 from tests.engine_fixtures import default_model_available
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,10 +215,10 @@ def test_memory_runs_are_deterministic() -> None:
 
 # ---- end to end ----------------------------------------------------------------------------------
 def test_quick_suite_smoke(tmp_path: Path) -> None:
-    """`python -m bench --quick` writes the summary, results and plots; every run of every
+    """`python -m radixkv.bench --quick` writes the summary, results and plots; every run of every
     workload passes the internal checks, read back from results.json."""
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "radixkv.bench", "--quick", "--out", str(out),
                            "--no-progress"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

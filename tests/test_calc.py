@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from radixkv.tools.calc import (
     kv_bytes_per_token,
     load_gguf,
     load_hf_config,
-    resolve_model,
+    load_model_spec,
 )
 
 KiB, GiB = 1024, 1 << 30
@@ -166,7 +168,7 @@ LLAMA3_8B_CONFIG = {
 def test_hf_config_matches_preset(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
     for path in (tmp_path, tmp_path / "config.json"):
-        spec = resolve_model(path)
+        spec = load_model_spec(path)
         assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (32, 8, 128)
         assert spec.params == PUBLISHED_PARAMS["llama-3-8b"]
         assert spec.max_context == 8192
@@ -217,14 +219,14 @@ def test_missing_paths_raise_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_hf_config(tmp_path / "nope")
     with pytest.raises(ConfigError):
-        resolve_model(tmp_path / "nope.gguf")
+        load_model_spec(tmp_path / "nope.gguf")
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
-def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
+def _write_tiny_gguf(path: Path) -> None:
+    """2 layers, hidden 64, 4 heads (2 KV), context 128; an fp32 embedding and an fp16 norm."""
     import gguf
 
-    path = tmp_path / "tiny.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny")
     w.add_block_count(2)
@@ -239,6 +241,11 @@ def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path)
     spec = load_gguf(path)
     assert spec.name == "tiny"
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (2, 2, 16)  # 64 / 4 heads
@@ -249,6 +256,23 @@ def test_gguf_metadata_and_tensor_bytes(tmp_path: Path) -> None:
     b = compute_budget(path, 64)
     assert b.weight_bytes == 16 * 64 * 4 + 64 * 2
     assert "GGUF" in b.weight_source
+
+
+def test_model_paths_are_classified_like_the_loader(tmp_path: Path) -> None:
+    """A folder holding one .gguf is that file, as for `LLM(folder)`; a folder with neither a
+    config.json nor a .gguf, and a non-GGUF file, are errors; a non-path is a preset name."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _write_tiny_gguf(folder / "tiny.gguf")
+    assert load_model_spec(folder) == load_gguf(folder / "tiny.gguf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="neither config.json nor a .gguf"):
+        load_model_spec(empty)
+    (tmp_path / "weights.bin").write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match="not a GGUF file"):
+        load_model_spec(tmp_path / "weights.bin")
+    assert load_model_spec("Llama_3_70B") is get_preset("llama-3-70b")
 
 
 def test_gguf_not_a_gguf_file(tmp_path: Path) -> None:
@@ -296,3 +320,14 @@ def test_cli_calc_list_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["calc", "nonexistent-model"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["calc"]) == 2
+
+
+def test_presets_size_without_torch() -> None:
+    """The calculator sizes a preset with the memory level's formula without importing torch
+    (`radixkv.memory` loads its torch-backed names on first use only)."""
+    code = ("import sys; from radixkv.cli import main; main(['calc', 'llama-3-70b']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1], check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "320.0 KiB (327,680 B" in done.stdout

@@ -18,16 +18,10 @@ import numpy as np
 import torch
 
 from radixkv.errors import InvalidSlotError, OutOfSlotsError
+from radixkv.memory.kv_size import kv_bytes_per_token
 
 SlotsLike = torch.Tensor | np.ndarray | list[int]
 _FREE, _USED, _RESERVED, _TREE = 0, 1, 2, 3  # _TREE: allocated and held by the prefix cache
-
-
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
-    """Bytes of K plus V for one token across all layers (what the pool allocates per slot)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * num_kv_heads * head_dim * elem
 
 
 def as_slot_array(slots: SlotsLike) -> np.ndarray:

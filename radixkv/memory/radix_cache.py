@@ -41,6 +41,7 @@ from radixkv.memory.base_cache import (
     common_prefix_len,
 )
 from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
+from radixkv.memory.tree_text import format_tree
 
 _TOK = 4  # bytes per token in keys (int32)
 _EMPTY_SLOTS = np.empty(0, dtype=np.int64)
@@ -311,9 +312,7 @@ class RadixCache(PrefixCache):
         return np.concatenate(values) if values else _EMPTY_SLOTS.copy()
 
     def pretty(self, tokenizer: Any = None, max_depth: int | None = None) -> str:
-        """A text drawing of the tree (see `radixkv.tools.viz.format_tree`)."""
-        from radixkv.tools.viz import format_tree
-
+        """A text drawing of the tree (see `radixkv.memory.tree_text.format_tree`)."""
         return format_tree(self, tokenizer=tokenizer, max_depth=max_depth)
 
     def check_invariants(self) -> None:

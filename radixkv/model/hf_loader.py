@@ -14,7 +14,9 @@ from radixkv.errors import ModelLoadError
 from radixkv.model.config import ModelConfig, config_from_hf
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON object from a model file (config.json, an index); `ModelLoadError` if it cannot be
+    read or is not an object. Shared by the loader and `radixkv.tools.calc`."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -34,8 +36,8 @@ class HFCheckpoint:
         if not os.path.isfile(config_path):
             raise ModelLoadError(f"{folder} has no config.json")
         gen_path = os.path.join(folder, "generation_config.json")
-        gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
-        self.config: ModelConfig = config_from_hf(_read_json(config_path), gen)
+        gen = read_json(gen_path) if os.path.isfile(gen_path) else None
+        self.config: ModelConfig = config_from_hf(read_json(config_path), gen)
         self.folder = folder
         self._where = self._index_weights(folder)  # tensor name -> shard path
         self._handles: dict[str, Any] = {}
@@ -46,7 +48,7 @@ class HFCheckpoint:
 
         index_path = os.path.join(folder, "model.safetensors.index.json")
         if os.path.isfile(index_path):
-            weight_map = _read_json(index_path).get("weight_map")
+            weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelLoadError(f"{index_path} has no weight_map")
             where = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}

@@ -18,7 +18,7 @@ import torch
 from radixkv.engine import Engine, EngineConfig, SamplingParams
 from radixkv.engine.engine_loop import EngineLoop
 from radixkv.errors import InvalidRequestError
-from radixkv.memory.kv_pool import kv_bytes_per_token
+from radixkv.memory.kv_size import kv_bytes_per_token
 
 if TYPE_CHECKING:
     from radixkv.model import LoadedModel

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.suite.optimal import BeladyResult, InfiniteBound, LcpIndex, belady, infinite_bound
-from bench.suite.runlog import RunLog
+from radixkv.bench.optimal import BeladyResult, InfiniteBound, LcpIndex, belady, infinite_bound
+from radixkv.bench.runlog import RunLog
 
 
 def _pct(values: np.ndarray, q: float) -> float | None:

@@ -1,4 +1,8 @@
-"""The prefix-sharing benchmark suite behind `python -m bench` (one module per concept):
+"""The prefix-sharing benchmark suite behind `radixkv bench` (one module per concept).
+
+It sits at the serving level: it drives the engine (`Engine`, `Scheduler`) and the memory
+levels, and only `radixkv.cli` imports it. `bench/` in the source tree keeps the standalone
+micro-benchmarks (`tree_ops.py`, `attention.py`, `model.py`, `engine.py`).
 
 - `workloads`: seeded token-level traces (shared system prompt, multi-turn chat, few-shot, tree of
   thought, no sharing, a mixed trace under capacity pressure);

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.suite.memory_runs import System
-from bench.suite.runlog import RunLog, drive
-from bench.suite.workloads import TOKEN_HI, TOKEN_LO, Trace
+from radixkv.bench.memory_runs import System
+from radixkv.bench.runlog import RunLog, drive
+from radixkv.bench.workloads import TOKEN_HI, TOKEN_LO, Trace
 from radixkv.engine import Engine, EngineConfig, Request, SamplingParams
 
 HF_SYSTEM = "transformers generate"

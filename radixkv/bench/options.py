@@ -15,7 +15,7 @@ DESCRIPTION = ("Prefix-sharing benchmark suite: six token-level workloads replay
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Register the suite's options on `p` (`python -m bench` and `radixkv bench`)."""
+    """Register the suite's options on `p` (`radixkv bench` and `python -m radixkv.bench`)."""
     p.add_argument("--quick", action="store_true",
                    help="small traces and a tiny random model (about a minute)")
     p.add_argument("--workload", action="append", metavar="NAME",

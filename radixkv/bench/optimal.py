@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.suite.runlog import RunLog
+from radixkv.bench.runlog import RunLog
 
 _EMPTY = np.zeros(0, np.int64)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.suite.runlog import RunLog, drive
-from bench.suite.workloads import Trace
+from radixkv.bench.runlog import RunLog, drive
+from radixkv.bench.workloads import Trace
 from radixkv.engine.request import Request
 from radixkv.engine.sampling_params import SamplingParams
 from radixkv.engine.scheduler import Scheduler

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bench.suite.workloads import Trace
+from radixkv.bench.workloads import Trace
 from radixkv.engine.request import Request, Status
 
 

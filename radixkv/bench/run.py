@@ -1,8 +1,8 @@
-"""The suite's command line and orchestration: `python -m bench` / `radixkv bench`.
+"""The suite's command line and orchestration: `radixkv bench` (also `python -m radixkv.bench`).
 
-    python -m bench --quick                 # about a minute: small traces, a tiny random model
-    python -m bench                         # full: long memory-level traces, the default model
-    python -m bench --workload few-shot --workload 6 --seed 1 --out results/run1
+    radixkv bench --quick                   # about a minute: small traces, a tiny random model
+    radixkv bench                           # full: long memory-level traces, the default model
+    radixkv bench --workload few-shot --workload 6 --seed 1 --out results/run1
 
 For each workload: memory-level runs of every radixkv system (lpm, fcfs, dfs-weight, cache off),
 the memory-efficiency figures and a capacity sweep; then model-level runs of the same systems plus
@@ -26,18 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from bench.suite import workloads
-from bench.suite.memory_runs import SYSTEMS, run_memory
-from bench.suite.metrics import (
+from radixkv.bench import workloads
+from radixkv.bench.memory_runs import SYSTEMS, run_memory
+from radixkv.bench.metrics import (
     hit_metrics,
     kv_metrics,
     memory_efficiency,
     timing_metrics,
 )
-from bench.suite.optimal import infinite_bound, working_set
-from bench.suite.options import DESCRIPTION, add_arguments
-from bench.suite.report import run_checks, summary_markdown, write_json
-from bench.suite.workloads import Trace
+from radixkv.bench.optimal import infinite_bound, working_set
+from radixkv.bench.options import DESCRIPTION, add_arguments
+from radixkv.bench.report import run_checks, summary_markdown, write_json
+from radixkv.bench.workloads import Trace
 
 # KV bytes per token used to express memory-level figures in bytes: the default model
 # (SmolLM2-135M: 30 layers x 3 KV heads x head_dim 64, K and V) with an fp32 cache.
@@ -71,7 +71,7 @@ MODES = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog="radixkv bench", description=DESCRIPTION)
     add_arguments(p)
     return p.parse_args(argv)
 
@@ -199,7 +199,7 @@ def memory_level(name: str, mode: ModeConfig, seed: int, progress: Progress) -> 
 
 def model_level(bench: Any, name: str, mode: ModeConfig, seed: int, skip_hf: bool,
                 progress: Progress) -> dict[str, Any]:
-    from bench.suite.model_runs import HF_SYSTEM
+    from radixkv.bench.model_runs import HF_SYSTEM
 
     cfg = mode.model
     trace = workloads.build(name, cfg.size_key, seed)
@@ -263,8 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "meta": {"mode": mode_name, "seed": args.seed, "workloads": names,
                  "threads": torch.get_num_threads(),
                  "started": dt.datetime.now().isoformat(timespec="seconds"),
-                 "command": " ".join(["python -m bench",
-                                      *(getattr(args, "argv", None) or sys.argv[1:])]),
+                 "command": " ".join(["radixkv bench", *_argv(args)]),
                  "declared_max_tokens": mode.declared_max_tokens,
                  "efficiency_model": EFFICIENCY_MODEL,
                  "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v)
@@ -286,11 +285,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = args.model
             try:
                 if model is None and args.quick:
-                    from bench.suite.model_runs import make_tiny_model
+                    from radixkv.bench.model_runs import make_tiny_model
 
                     tmp = tempfile.mkdtemp(prefix="radixkv-bench-")
                     model = str(make_tiny_model(Path(tmp) / "tiny-llama", seed=args.seed))
-                from bench.suite.model_runs import ModelBench
+                from radixkv.bench.model_runs import ModelBench
 
                 bench = ModelBench(model, dtype=args.dtype)
             except ModelLoadError as exc:  # e.g. the default model is not installed
@@ -313,11 +312,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_json(results, out / "results.json")
     (out / "summary.md").write_text(summary_markdown(results) + "\n")
     if not args.no_plots:
-        from bench.suite.plots import write_all
+        from radixkv.bench.plots import write_all
 
         results["meta"]["plots"] = [p.name for p in write_all(results, out)]
         write_json(results, out / "results.json")
     return results
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The options this run was given, for the summary's command line."""
+    argv = getattr(args, "argv", None)
+    if argv is None:  # from sys.argv: `radixkv bench ...` puts the subcommand first
+        argv = sys.argv[1:]
+        if argv[:1] == ["bench"]:
+            argv = argv[1:]
+    return list(argv)
 
 
 def failed_checks(results: dict[str, Any]) -> list[str]:
@@ -347,7 +356,7 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m bench [options]`."""
+    """`radixkv bench [options]` / `python -m radixkv.bench [options]`."""
     args = parse_args(argv)
     args.argv = list(argv) if argv is not None else None
     return execute(args)

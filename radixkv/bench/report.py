@@ -158,7 +158,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "Hit rate: prompt tokens served from the prefix cache at admission (the cached prefix of "
         "prompt[:-1]) / prompt tokens. **Belady**: offline optimum at the run's pool size in the "
         "run's own admission order; **infinite**: share an unbounded cache could serve in any "
-        "order (1 - unique prefix tokens / prompt tokens); see `bench/suite/optimal.py`. Memory "
+        "order (1 - unique prefix tokens / prompt tokens); see `radixkv/bench/optimal.py`. Memory "
         "level: real scheduler, radix tree and pools, scripted outputs, no model (no timings). "
         "Model level: real engine on the model, and transformers' batched `generate` (left "
         "padding, greedy, same prompts; no prefix cache, so its hit rate is 0). TTFT counts from "
@@ -201,13 +201,13 @@ def rerender(results_json: Path, plots: bool = True) -> str:
     text = summary_markdown(results)
     (out / "summary.md").write_text(text + "\n")
     if plots:
-        from bench.suite.plots import write_all
+        from radixkv.bench.plots import write_all
 
         write_all(results, out)
     return text
 
 
-if __name__ == "__main__":  # python -m bench.suite.report results/results.json
+if __name__ == "__main__":  # python -m radixkv.bench.report results/results.json
     import sys
 
     print(rerender(Path(sys.argv[1] if len(sys.argv) > 1 else "results/results.json")))
