@@ -228,6 +228,9 @@ def _add_serve(sub: Subparsers) -> None:
                    help="a KV tier below the pool: file:///dir or redis://host:port/db")
     g.add_argument("--kv-store-write-through", action="store_true",
                    help="store each prompt's pages as soon as they are computed")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
+                   help="KV storage: auto (the model dtype), int8 or fp8_e4m3 with a scale per "
+                        "token and KV head")
     p.set_defaults(func=_run_serve)
 
 
@@ -255,7 +258,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                    enable_prefix_cache=args.enable_prefix_cache,
                    schedule_policy=args.schedule_policy,
                    chunked_prefill_size=args.chunked_prefill_size, seed=args.seed,
-                   kv_store=args.kv_store, kv_store_write_through=args.kv_store_write_through)
+                   kv_store=args.kv_store, kv_store_write_through=args.kv_store_write_through,
+                   kv_cache_dtype=args.kv_cache_dtype)
     config = ServerConfig(served_model_name=args.served_model_name, api_key=args.api_key,
                           max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
     return run_server(llm, config, args.host, args.port, args.max_running_requests,

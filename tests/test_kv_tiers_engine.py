@@ -223,3 +223,28 @@ def test_disk_tier_stores_quantized_kv_with_its_scales(tiny_llama_dir, tmp_path)
         assert run(llm, prompts()) == want  # codes and scales came back byte for byte
         assert llm.cache_stats()["tier_hit_tokens"] == 192
         llm.check_no_leak()
+
+
+def test_serve_with_a_disk_tier_reports_tier_metrics(tiny_llama_dir, tmp_path):  # noqa: F811
+    """`radixkv serve --kv-store`: a restarted server reuses the first one's pages, and
+    /metrics counts the tier's hits by the tokens it served."""
+    openai = pytest.importorskip("openai")
+    from radixkv.serving.launcher import ServerProcess
+    from tests.server_fixtures import metrics
+
+    url = f"file://{tmp_path}/kv"
+    args = [str(tiny_llama_dir), "--max-total-tokens", str(POOL), "--kv-store", url,
+            "--kv-store-write-through"]
+    prompt = prompts()[0]
+    texts = []
+    for _ in range(2):  # the second server starts with an empty tree
+        with ServerProcess(args) as srv:
+            client = openai.OpenAI(base_url=srv.base_url, api_key="none")
+            out = client.completions.create(model=client.models.list().data[0].id,
+                                            prompt=prompt, max_tokens=4, temperature=0.0)
+            texts.append(out.choices[0].text)
+            m = metrics(srv)
+    assert texts[0] == texts[1]
+    assert out.usage.prompt_tokens_details.cached_tokens == 192
+    assert m["radixkv_kv_tier_hits_tokens_total"] == 192
+    assert m["radixkv_kv_tier_fetch_seconds_count"] >= 1

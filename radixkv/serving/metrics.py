@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -32,6 +37,11 @@ _ENGINE_COUNTERS = {
     "prefill_tokens_computed": ("prefill_computed_tokens", "Prompt tokens the model computed"),
     "evicted_tokens": ("evicted_tokens", "KV tokens evicted from the prefix cache"),
     "preemptions": ("preemptions", "Requests preempted for lack of KV memory"),
+    "tier_hit_tokens": ("kv_tier_hits_tokens", "Prompt tokens reused from the KV tier (store)"),
+    "tier_bytes_read": ("kv_tier_read_bytes", "Bytes fetched from the KV tier"),
+    "tier_bytes_written": ("kv_tier_written_bytes", "Bytes written to the KV tier"),
+    "tier_written_pages": ("kv_tier_written_pages", "Pages written to the KV tier"),
+    "tier_dropped_writes": ("kv_tier_dropped_pages", "Pages not written (store down or busy)"),
 }
 _ENGINE_GAUGES = {
     "running": ("num_requests_running", "Requests in the running batch"),
@@ -56,6 +66,22 @@ class _EngineCollector(Collector):
         for key, (name, doc) in _ENGINE_GAUGES.items():
             if key in stats:
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(stats[key]))
+        errors = stats.get("tier_errors")
+        if errors is not None:
+            fam = CounterMetricFamily(f"{PREFIX}_kv_tier_errors", "KV store errors by kind "
+                                      "(connection, timeout, full, corrupt_*)", labels=["kind"])
+            for kind, n in sorted(errors.items()):
+                fam.add_metric([kind], float(n))
+            yield fam
+        buckets = stats.get("tier_fetch_latency_buckets")
+        if buckets is not None:  # [(upper bound, count in that bucket)] -> cumulative
+            total, cum = 0, []
+            for bound, n in buckets:
+                total += n
+                cum.append(("+Inf" if bound == float("inf") else str(bound), float(total)))
+            yield HistogramMetricFamily(f"{PREFIX}_kv_tier_fetch_seconds", "KV tier fetch "
+                                        "latency", buckets=cum,
+                                        sum_value=float(stats.get("tier_fetch_seconds", 0.0)))
         for name, value in self._extra().items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", name.replace("_", " "), value=value)
 
