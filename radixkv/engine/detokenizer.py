@@ -51,18 +51,19 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
-    def add(self, token_id: int) -> str:
+    def add(self, token_id: int, check_stop: bool = True) -> str:
         """Append a token; returns the text it completed ("" while a character is unfinished).
 
-        Once a stop string appears, `text` is cut there, `stop_hit` is set and "" is returned
-        for the rest; the caller ends the request.
+        Once a stop string appears in the new text, `text` is cut there, `stop_hit` is set and
+        "" is returned for the rest; the caller ends the request. `check_stop=False` (before
+        `min_tokens`) does not look for stop strings in this token's text.
         """
         if self.stop_hit is not None:
             return ""
         self._ids.append(token_id)
-        return self._flush(final=False)
+        return self._flush(final=False, check_stop=check_stop)
 
-    def _flush(self, final: bool) -> str:
+    def _flush(self, final: bool, check_stop: bool = True) -> str:
         ids = self._ids
         before = self._decode(ids[self._prefix:self._read])
         window = self._decode(ids[self._prefix:])
@@ -86,12 +87,12 @@ class IncrementalDetokenizer:
         new = window[len(before):]
         self._read = end
         self._prefix = max(self._prefix, self._read - CONTEXT_TOKENS)
-        return self._append(new)
+        return self._append(new, check_stop)
 
-    def _append(self, new: str) -> str:
+    def _append(self, new: str, check_stop: bool) -> str:
         old_len = len(self.text)
         self.text += new
-        if self._stops:
+        if self._stops and check_stop:
             lo = max(0, old_len - self._max_stop + 1)
             hits = [(i, s) for s in self._stops if (i := self.text.find(s, lo)) >= 0]
             if hits:

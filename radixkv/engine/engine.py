@@ -214,7 +214,8 @@ class Engine:
             if lp is not None and req.logprobs is not None:
                 req.logprobs.append(lp)
                 req.cumulative_logprob += lp[tok]
-            req.detokenizer.add(tok)
+            # before min_tokens, stop strings do not count (vLLM): the text keeps growing
+            req.detokenizer.add(tok, check_stop=len(req.output_ids) >= req.params.min_tokens)
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self._finish(req, reason)
