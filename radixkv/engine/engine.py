@@ -84,7 +84,9 @@ class Engine:
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "steps": 0,
                          "requests_finished": 0, "errors": 0}
         self.finish_reasons: dict[str, int] = {}
-        self.step_time = {"schedule": 0.0, "forward": 0.0, "process": 0.0}  # seconds, summed
+        # seconds, summed over steps. On CUDA the forward is asynchronous: its time lands in
+        # "sample" (the step's one host sync); the split is exact on CPU.
+        self.step_time = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "process": 0.0}
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_ids: Sequence[int] | np.ndarray, params: SamplingParams,
@@ -169,7 +171,8 @@ class Engine:
             return []
         t1 = time.perf_counter()
         try:
-            logits = self.runner.forward(batch)  # 2. run the model
+            logits = self.runner.forward(batch)  # 2. run the model, then sample
+            tf = time.perf_counter()
             rows = [self._sample_row(it.req) for it in batch.items if it.samples_next]
             sample = self.sampler(logits, rows)
         except Exception as exc:  # noqa: BLE001 - any model failure becomes the batch's error
@@ -179,7 +182,8 @@ class Engine:
         t3 = time.perf_counter()
         st = self.step_time
         st["schedule"] += t1 - t0
-        st["forward"] += t2 - t1
+        st["forward"] += tf - t1
+        st["sample"] += t2 - tf
         st["process"] += t3 - t2
         return touched
 
@@ -319,7 +323,9 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "steps": c["steps"],
-            "host_time_share": (st["schedule"] + st["process"]) / busy if busy else 0.0,
+            # share of step time outside the model forward (scheduler, sampler, detokenizer)
+            "host_time_share": (busy - st["forward"]) / busy if busy else 0.0,
+            "step_time_s": dict(st),
         }
 
     def check_no_leak(self) -> None:
