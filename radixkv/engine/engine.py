@@ -309,6 +309,7 @@ class Engine:
             "prefill_tokens_computed": self.scheduler.prefill_tokens,
             "decode_tokens": self.scheduler.decode_tokens,
             "tree_tokens": self.cache.total_size(),
+            "tree_tokens_by_namespace": self._tokens_by_namespace(),
             "tree_nodes": tree.node_count,
             "evictable_tokens": self.cache.evictable_size(),
             "evicted_tokens": tree.evicted_tokens,
@@ -327,6 +328,14 @@ class Engine:
             "host_time_share": (busy - st["forward"]) / busy if busy else 0.0,
             "step_time_s": dict(st),
         }
+
+    def _tokens_by_namespace(self) -> dict[Any, int]:
+        """Tokens held by the tree under each namespace's root (one walk of the tree)."""
+        out: dict[Any, int] = {}
+        for node, _ in self.cache.walk():
+            ns = getattr(node, "namespace", None)
+            out[ns] = out.get(ns, 0) + len(node)
+        return out
 
     def check_no_leak(self) -> None:
         """When idle: free slots + cached slots == pool size, and the tree is consistent."""
