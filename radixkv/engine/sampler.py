@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radixkv.engine.sampling_params import SamplingParams
@@ -82,29 +83,33 @@ class Sampler:
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, pen: list[int], rows: Sequence[SampleRow]) -> None:
-        """Penalties for rows `pen` of x [B, V], in place, from count matrices built at once."""
+        """Penalties for rows `pen` of x [B, V], in place, touching only the tokens each row has
+        seen: one gather and one scatter of those entries, not [B, V] count matrices."""
         dev, v = x.device, x.shape[1]
-        k = len(pen)
-        out_rows = torch.cat([torch.full((len(rows[i].output_ids),), j, dtype=torch.long)
-                              for j, i in enumerate(pen)])
-        out_ids = torch.tensor([t for i in pen for t in rows[i].output_ids], dtype=torch.long)
-        counts = torch.zeros(k, v, device=dev)  # [k, V] output token counts
-        counts.index_put_((out_rows.to(dev), out_ids.to(dev)),
-                          torch.ones(len(out_ids), device=dev), accumulate=True)
-        p_rows = torch.cat([torch.full((len(rows[i].prompt_ids),), j, dtype=torch.long)
-                            for j, i in enumerate(pen)])
-        p_ids = torch.cat([torch.as_tensor(rows[i].prompt_ids, dtype=torch.long) for i in pen])
-        seen = counts > 0  # [k, V] in the prompt or the output
-        seen[p_rows.to(dev), p_ids.to(dev)] = True
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=dev)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=dev)
-        rep = torch.tensor([rows[i].params.repetition_penalty for i in pen], device=dev)
-        idx = torch.tensor(pen, dtype=torch.long, device=dev)
-        sub = x[idx]  # [k, V]
-        rep = rep[:, None].expand_as(sub)
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0)
-        x[idx] = sub
+        # (row, token) pairs as keys row * V + token: the seen set (prompt or output) and the
+        # output counts, on the host (a few hundred entries per row)
+        out_keys = np.concatenate([np.asarray(rows[i].output_ids, dtype=np.int64) + i * v
+                                   for i in pen])
+        seen = np.unique(np.concatenate(
+            [np.asarray(rows[i].prompt_ids, dtype=np.int64) + i * v for i in pen] + [out_keys]))
+        out_u, counts = np.unique(out_keys, return_counts=True)
+        row_of, tok_of = seen // v, seen % v  # [N] rows and tokens of the seen entries
+        cnt = np.zeros(len(seen), dtype=np.float32)
+        cnt[np.searchsorted(seen, out_u)] = counts  # output counts aligned with `seen`
+        per_row = np.zeros((3, len(rows)), dtype=np.float32)  # rep, freq, pres of each row
+        for i in pen:
+            p = rows[i].params
+            per_row[:, i] = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+        rep, freq, pres = per_row[:, row_of]  # [N] each
+        r_t = torch.from_numpy(row_of).to(dev)
+        t_t = torch.from_numpy(tok_of).to(dev)
+        vals = x[r_t, t_t]  # [N]
+        rep_t = torch.from_numpy(rep).to(dev)
+        vals = torch.where(vals > 0, vals / rep_t, vals * rep_t)
+        cnt_t = torch.from_numpy(cnt).to(dev)
+        vals = (vals - torch.from_numpy(freq).to(dev) * cnt_t
+                - torch.from_numpy(pres).to(dev) * (cnt_t > 0))
+        x[r_t, t_t] = vals
 
     # ---- sampling ---------------------------------------------------------------------------
     def _sample(self, x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
