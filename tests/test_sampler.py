@@ -206,3 +206,28 @@ def test_sampling_params_defaults_and_normalisation():
     assert SamplingParams(temperature=0.0).greedy
     assert SamplingParams(repetition_penalty=1.1).has_penalties
     assert SamplingParams(min_tokens=8, max_tokens=8).min_tokens == 8
+
+
+def test_top_k_top_p_on_a_large_vocabulary_matches_a_full_sort():
+    """Past `CANDIDATES` tokens the filter works on a partial sort and falls back to a full
+    one for flat rows: both must keep exactly what a full sort of each row keeps."""
+    from radixkv.engine.sampler import CANDIDATES
+
+    v = 3 * CANDIDATES
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.tensor([8.0, 8.0, 0.05, 0.05, 4.0, 4.0, 8.0, 0.05, 2.0])[:, None]
+    probs = torch.softmax(torch.randn(9, v, generator=gen) * spread, dim=-1)  # peaked / flat
+    top_k = [-1, 50, -1, 2000, -1, 3000, 10, -1, 1500]
+    top_p = [0.9, 1.0, 0.9, 0.95, 1.0, 0.5, 0.3, 1.0, 0.99]
+    got = Sampler._top_k_top_p(probs, top_k, top_p)
+    for i in range(9):  # reference: one row at a time, a full descending sort
+        sorted_p, order = probs[i].sort(descending=True)
+        keep = torch.ones(v, dtype=torch.bool)
+        if top_k[i] > 0:
+            keep[top_k[i]:] = False
+        if top_p[i] < 1.0:  # 1.0 is off (a float cumsum may reach 1 before the tail)
+            keep &= (sorted_p.cumsum(0) - sorted_p) < top_p[i]
+        want = torch.zeros(v).scatter_(0, order, sorted_p * keep)
+        assert torch.equal(got[i] > 0, want > 0), i
+        assert torch.allclose(got[i], want), i
+    assert torch.equal(got[7], probs[7])  # no filter: untouched

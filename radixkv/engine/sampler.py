@@ -18,6 +18,8 @@ import torch
 
 from radixkv.engine.sampling_params import SamplingParams
 
+CANDIDATES = 1024  # top tokens per row that top-k / top-p look at before any full sort
+
 
 @dataclass(slots=True)
 class SampleRow:
@@ -137,16 +139,44 @@ class Sampler:
 
     @staticmethod
     def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-        """Zero what top-k and top-p drop, on one descending sort of every row."""
+        """Zero what top-k and top-p drop.
+
+        A full sort of [S, V] dominates sampling, so the rows are first cut to their top
+        `CANDIDATES` (a partial sort): a row whose top-k fits there, or whose candidates already
+        hold top_p of the mass, is exact on them (everything past the candidates is dropped
+        anyway). Only rows that are not (a flat distribution under top-p) sort in full; rows
+        without either filter are left as they are.
+        """
         dev, v = probs.device, probs.shape[1]
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # [S, V]
-        k = torch.tensor([kk if 0 < kk < v else v for kk in top_k], device=dev)
-        rank = torch.arange(v, device=dev)[None, :]
+        ks = [kk if 0 < kk < v else v for kk in top_k]
+        cap = min(v, max([CANDIDATES, *(kk for kk in ks if kk < v)]))
+        vals, order = probs.topk(cap, dim=-1)  # [S, cap] descending
+        k = torch.tensor(ks, device=dev)
+        p = torch.tensor(top_p, device=dev)
+        drop = Sampler._drop(vals, k, p)
+        # exact on the candidates: top-k within them (it cuts any nucleus too), or the
+        # candidates hold top_p of the mass (the nucleus lies within them)
+        exact = (k <= cap) | ((p < 1.0) & (vals.sum(dim=-1) >= p))
+        out = torch.zeros_like(probs).scatter_(1, order, vals.masked_fill(drop, 0.0))
+        rest = (~exact).nonzero()[:, 0].tolist()
+        if rest:  # no filter at all: unchanged; top-p over a flat tail: the full sort
+            sub = probs[rest]
+            filtered = [j for j, i in enumerate(rest) if ks[i] < v or top_p[i] < 1.0]
+            if filtered:
+                sorted_p, full = sub[filtered].sort(dim=-1, descending=True)  # [F, V]
+                sel = torch.tensor([rest[j] for j in filtered], device=dev)
+                kept = sorted_p.masked_fill(Sampler._drop(sorted_p, k[sel], p[sel]), 0.0)
+                sub[filtered] = torch.zeros_like(sorted_p).scatter_(1, full, kept)
+            out[rest] = sub
+        return out
+
+    @staticmethod
+    def _drop(sorted_p: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """[S, n] mask of the descending-sorted probabilities that top-k / top-p remove."""
+        rank = torch.arange(sorted_p.shape[1], device=sorted_p.device)[None, :]
         drop = rank >= k[:, None]
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
-        drop |= before >= torch.tensor(top_p, device=dev)[:, None]  # the top token stays
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        return drop | (before >= p[:, None])  # the top token always stays
 
     # ---- logprobs ---------------------------------------------------------------------------
     @staticmethod
