@@ -8,7 +8,8 @@ asserts nothing.
    call's throughput (the callers really batch), and >= 4x the sequential calls. The prefix cache
    is cleared before each run so every run computes the same.
 2. Host time per step outside the model forward (scheduler, sampler, detokenizer, output
-   handling) at batch 1 and 32, as a share of the step (`Engine.step_time`).
+   handling) at batch 1 and 32, as a share of the step (`Engine.step_time`; greedy), and the
+   sampler alone under penalties and top-p.
 3. Soak: 20,000 requests of 2 new tokens from 16 threads through the loop: RSS growth after a
    warm-up (goal < 50 MB), and whether every slot is free or cached afterwards. On a tiny random
    Llama by default (`--soak-model default` for the real one).
@@ -124,6 +125,33 @@ def step_split(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> di
     return out
 
 
+def sampler_ms(vocab: int) -> None:
+    """The sampler alone on [B, vocab] logits (peaked, like a model's), per settings."""
+    from radixkv.engine.sampler import Sampler, SampleRow
+
+    sampler = Sampler()
+    settings = {"greedy": SamplingParams(temperature=0.0),
+                "greedy + repetition 1.2": SamplingParams(temperature=0.0,
+                                                          repetition_penalty=1.2),
+                "T 0.7, top_p 0.9, rep 1.2": SamplingParams(temperature=0.7, top_p=0.9,
+                                                            repetition_penalty=1.2)}
+    g = torch.Generator().manual_seed(0)
+    for b in (1, 32):
+        x = torch.randn(b, vocab, generator=g) * 4
+        cells = []
+        for name, p in settings.items():
+            rows = [SampleRow(p, None, list(range(100, 164)), list(range(200, 232)))
+                    for _ in range(b)]
+            sampler(x, rows)
+            n = 10
+            start = time.perf_counter()
+            for _ in range(n):
+                sampler(x, rows)
+            cells.append(f"{name} {1000 * (time.perf_counter() - start) / n:.2f} ms")
+        print(f"  sampler alone, batch {b:<2} (64 prompt + 32 output tokens per row): "
+              + ", ".join(cells))
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -229,6 +257,7 @@ def main() -> None:
         s = step_split(llm, ps, params)
         print(f"  {label:<9} {s['schedule']:.2f} + {s['forward']:.2f} + {s['sample']:.2f} + "
               f"{s['process']:.2f} ms over {s['steps']} steps: host share {s['host_share']:.1%}")
+    sampler_ms(llm.lm.config.vocab_size)
     llm.check_no_leak()
     allm.check_no_leak()
     llm.shutdown()
