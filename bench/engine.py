@@ -119,7 +119,7 @@ def main() -> None:
     rows: dict[tuple[str, str], dict[str, float]] = {}
     run_engine(on, shared[:2], 2)  # warm up both engines (allocator, first-call costs)
     run_engine(off, unshared[:2], 2)
-    on.engine.cache.reset()
+    on.loop.call(lambda engine: engine.cache.reset()).result()  # on the engine's thread
     for name, prompts in (("shared", shared), ("no-sharing", unshared)):
         rows[(name, "radixkv cache on")] = run_engine(on, prompts, args.max_tokens)
         rows[(name, "radixkv cache off")] = run_engine(off, prompts, args.max_tokens)
@@ -150,8 +150,8 @@ def main() -> None:
         theirs = decode_tok_s_hf(hf, short, 64, on.tokenizer.pad_token_id or 0)
         line += f", transformers {theirs:.1f} tok/s, ratio {ours / theirs:.2f} (target >= 1)"
     print(line)
-    on.engine.check_no_leak()
-    off.engine.check_no_leak()
+    on.check_no_leak()
+    off.check_no_leak()
 
 
 if __name__ == "__main__":

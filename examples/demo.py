@@ -35,8 +35,11 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = LLM()
     print(f"loaded the default model in {time.perf_counter() - t0:.1f} s "
-          f"(KV pool: {llm.engine.kv_pool.num_slots} token slots)\n")
-    params = SamplingParams(temperature=0.0, max_tokens=48)
+          f"(KV pool: {llm.pool_size} token slots)\n")
+    # The small model loops under plain greedy decoding: sample at a moderate temperature with a
+    # repetition penalty, seeded so every run prints the same answers.
+    params = SamplingParams(temperature=0.6, top_p=0.9, repetition_penalty=1.2, max_tokens=48,
+                            seed=7)
     chats = {user: [{"role": "system", "content": SYSTEM}] for user in USERS}
     turns = max(len(q) for q in USERS.values())
     for turn in range(turns):
@@ -48,13 +51,14 @@ def main() -> None:
         wall = time.perf_counter() - start
         print(f"--- turn {turn + 1}: {len(users)} users in one batch, {wall:.2f} s")
         for u, out in zip(users, outs, strict=True):
-            answer = out.outputs[0].text.strip()
+            comp = out.outputs[0]
+            answer = comp.text.strip()
             chats[u].append({"role": "assistant", "content": answer})
             print(f"[{u}] {USERS[u][turn]}")
             print(f"  -> {answer}")
-            print(f"     prompt {len(out['prompt_token_ids'])} tokens, cached "
-                  f"{out['cached_tokens']}, ttft {1000 * out['ttft_s']:.0f} ms, "
-                  f"{len(out['token_ids'])} new tokens in {out['latency_s']:.2f} s")
+            print(f"     prompt {len(out.prompt_token_ids)} tokens, cached "
+                  f"{out.num_cached_tokens}, ttft {1000 * out.metrics.ttft:.0f} ms, "
+                  f"{len(comp.token_ids)} new tokens in {out.metrics.latency:.2f} s")
         print()
     stats = llm.cache_stats()
     print("--- cache stats")
@@ -64,7 +68,8 @@ def main() -> None:
         value = stats[key]
         print(f"  {key:<24} {value:.3f}" if isinstance(value, float) else
               f"  {key:<24} {value}")
-    llm.engine.check_no_leak()
+    llm.check_no_leak()
+    llm.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
-from radixkv import LLM, SamplingParams
+from radixkv import LLM, RequestOutput, SamplingParams
 
 DOCUMENT = """\
 Field notes: the Millbrook community orchard, season report.
@@ -72,7 +71,7 @@ def conversations(n: int) -> list[list[dict[str, str]]]:
 
 
 def timed_batch(llm: LLM, convs: list[list[dict[str, str]]],
-                params: SamplingParams) -> tuple[list[dict[str, Any]], float, int]:
+                params: SamplingParams) -> tuple[list[RequestOutput], float, int]:
     """Run the batch; returns the outputs, wall seconds and prefill tokens the engine computed."""
     # warm-up on an unrelated prompt (in its own namespace), so neither run pays first-use costs
     llm.generate("Hello", SamplingParams(temperature=0.0, max_tokens=2), namespace="warm-up")
@@ -80,7 +79,7 @@ def timed_batch(llm: LLM, convs: list[list[dict[str, str]]],
     start = time.perf_counter()
     outs = llm.chat(convs, params)
     wall = time.perf_counter() - start
-    llm.engine.check_no_leak()
+    llm.check_no_leak()
     return outs, wall, llm.cache_stats()["prefill_tokens_computed"] - computed
 
 
@@ -94,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=24, help="new tokens per answer at most")
     args = ap.parse_args(argv)
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    # greedy (both runs must give the same answers), with a mild repetition penalty: the small
+    # default model loops without one
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, repetition_penalty=1.15)
     convs = conversations(args.questions)
     runs = {}
     for label, cache in (("cache on", True), ("cache off", False)):
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLM(args.model, max_total_tokens=8192, enable_prefix_cache=cache)
         print(f"{label}: model loaded in {time.perf_counter() - t0:.1f} s")
         runs[label] = timed_batch(llm, convs, params)
+        llm.shutdown()
         del llm  # one model in memory at a time
     on, wall_on, computed_on = runs["cache on"]
     off, wall_off, computed_off = runs["cache off"]

@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     # max_total_tokens is the KV pool's size in tokens; leave it out to size it from free memory.
     llm = LLM(args.model, max_total_tokens=8192)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s; KV pool of "
-          f"{llm.engine.kv_pool.num_slots} token slots, "
-          f"{llm.engine.kv_pool.bytes_per_token()} bytes of K/V per token\n")
+          f"{llm.pool_size} token slots, "
+          f"{llm.cache_stats()['kv_bytes_per_token']} bytes of K/V per token\n")
 
-    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    # Greedy, with a mild repetition penalty: the small default model loops without one.
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, repetition_penalty=1.15)
 
     # 1. generate(): plain completion of several prompts, run together as one batch.
     print("== generate: two prompts in one batch")
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. stream(): text pieces as they are decoded; temperature > 0 samples, the seed repeats it.
     print("\n== stream: a sampled answer, printed piece by piece")
-    sampled = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=args.max_tokens, seed=1)
+    sampled = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.15,
+                             max_tokens=args.max_tokens, seed=1)
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": "Give me a tip for cooking rice."}]
     print("assistant: ", end="", flush=True)

@@ -5,7 +5,9 @@ general: byte-level BPE tokens may hold part of a UTF-8 character, and some toke
 token differently depending on the one before it (a leading space). So each step decodes a short
 window: the tokens from `prefix` on, minus the text those same tokens up to `read` already gave.
 The window's first tokens serve as context only; text is emitted only once it no longer ends in
-an incomplete character (U+FFFD).
+an incomplete character (U+FFFD). A U+FFFD that later bytes have made final (invalid UTF-8, e.g.
+a run of lone bytes from a confused model) is emitted at once, so at most the last 3 tokens are
+ever held back and the window stays short.
 
 Stop strings are searched in the new text plus the last `len(stop) - 1` characters before it, so
 a stop spanning a token boundary is found and the scan never re-reads the whole output.
@@ -18,6 +20,7 @@ from typing import Any
 
 _REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5  # tokens of left context kept in the decode window
+MAX_PENDING_TOKENS = 3  # an incomplete UTF-8 character spans at most 3 bytes, so 3 tokens
 
 
 class IncrementalDetokenizer:
@@ -48,32 +51,48 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
-    def add(self, token_id: int) -> str:
+    def add(self, token_id: int, check_stop: bool = True) -> str:
         """Append a token; returns the text it completed ("" while a character is unfinished).
 
-        Once a stop string appears, `text` is cut there, `stop_hit` is set and "" is returned
-        for the rest; the caller ends the request.
+        Once a stop string appears in the new text, `text` is cut there, `stop_hit` is set and
+        "" is returned for the rest; the caller ends the request. `check_stop=False` (before
+        `min_tokens`) does not look for stop strings in this token's text.
         """
         if self.stop_hit is not None:
             return ""
         self._ids.append(token_id)
-        return self._flush(final=False)
+        return self._flush(final=False, check_stop=check_stop)
 
-    def _flush(self, final: bool) -> str:
+    def _flush(self, final: bool, check_stop: bool = True) -> str:
         ids = self._ids
         before = self._decode(ids[self._prefix:self._read])
         window = self._decode(ids[self._prefix:])
-        if len(window) <= len(before) or (window.endswith(_REPLACEMENT) and not final):
+        end = len(ids)
+        if window.endswith(_REPLACEMENT) and not final:
+            # The last tokens may hold the start of a character still to come. Emit up to the
+            # latest boundary whose text is a strict prefix of the window: its own trailing
+            # U+FFFD, if any, was ended by later bytes (invalid UTF-8, as in a run of lone
+            # bytes), so it is final. An incomplete character is at most 3 bytes, so looking
+            # back 3 tokens suffices and bytes that can never form a character are not held
+            # until the end of the request.
+            for j in range(end - 1, max(self._read, end - MAX_PENDING_TOKENS - 1), -1):
+                head = self._decode(ids[self._prefix:j])
+                if len(before) < len(head) < len(window) and window.startswith(head):
+                    window, end = head, j
+                    break
+            else:
+                return ""
+        if len(window) <= len(before):
             return ""
         new = window[len(before):]
-        self._read = len(ids)
+        self._read = end
         self._prefix = max(self._prefix, self._read - CONTEXT_TOKENS)
-        return self._append(new)
+        return self._append(new, check_stop)
 
-    def _append(self, new: str) -> str:
+    def _append(self, new: str, check_stop: bool) -> str:
         old_len = len(self.text)
         self.text += new
-        if self._stops:
+        if self._stops and check_stop:
             lo = max(0, old_len - self._max_stop + 1)
             hits = [(i, s) for s in self._stops if (i := self.text.find(s, lo)) >= 0]
             if hits:

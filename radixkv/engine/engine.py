@@ -105,7 +105,9 @@ class Engine:
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "steps": 0,
                          "requests_finished": 0, "errors": 0}
         self.finish_reasons: dict[str, int] = {}
-        self.step_time = {"schedule": 0.0, "forward": 0.0, "process": 0.0}  # seconds, summed
+        # seconds, summed over steps. On CUDA the forward is asynchronous: its time lands in
+        # "sample" (the step's one host sync); the split is exact on CPU.
+        self.step_time = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "process": 0.0}
 
     def _open_tier(self, lm: LoadedModel, config: EngineConfig) -> KVTier | None:
         url = config.kv_store
@@ -211,7 +213,8 @@ class Engine:
             return []
         t1 = time.perf_counter()
         try:
-            logits = self.runner.forward(batch)  # 2. run the model
+            logits = self.runner.forward(batch)  # 2. run the model, then sample
+            tf = time.perf_counter()
             rows = [self._sample_row(it.req) for it in batch.items if it.samples_next]
             sample = self.sampler(logits, rows)
         except Exception as exc:  # noqa: BLE001 - any model failure becomes the batch's error
@@ -225,7 +228,8 @@ class Engine:
         t3 = time.perf_counter()
         st = self.step_time
         st["schedule"] += t1 - t0
-        st["forward"] += t2 - t1
+        st["forward"] += tf - t1
+        st["sample"] += t2 - tf
         st["process"] += t3 - t2
         return touched
 
@@ -260,7 +264,8 @@ class Engine:
             if lp is not None and req.logprobs is not None:
                 req.logprobs.append(lp)
                 req.cumulative_logprob += lp[tok]
-            req.detokenizer.add(tok)
+            # before min_tokens, stop strings do not count (vLLM): the text keeps growing
+            req.detokenizer.add(tok, check_stop=len(req.output_ids) >= req.params.min_tokens)
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self._finish(req, reason)
@@ -350,6 +355,7 @@ class Engine:
             "prefill_tokens_computed": self.scheduler.prefill_tokens,
             "decode_tokens": self.scheduler.decode_tokens,
             "tree_tokens": self.cache.total_size(),
+            "tree_tokens_by_namespace": self._tokens_by_namespace(),
             "tree_nodes": tree.node_count,
             "evictable_tokens": self.cache.evictable_size(),
             "evicted_tokens": tree.evicted_tokens,
@@ -364,9 +370,19 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "steps": c["steps"],
-            "host_time_share": (st["schedule"] + st["process"]) / busy if busy else 0.0,
+            # share of step time outside the model forward (scheduler, sampler, detokenizer)
+            "host_time_share": (busy - st["forward"]) / busy if busy else 0.0,
+            "step_time_s": dict(st),
             **(self.tier.snapshot() if self.tier is not None else {}),
         }
+
+    def _tokens_by_namespace(self) -> dict[Any, int]:
+        """Tokens held by the tree under each namespace's root (one walk of the tree)."""
+        out: dict[Any, int] = {}
+        for node, _ in self.cache.walk():
+            ns = node.namespace
+            out[ns] = out.get(ns, 0) + len(node)
+        return out
 
     def check_no_leak(self) -> None:
         """When idle: free slots + cached slots == pool size, and the tree is consistent."""

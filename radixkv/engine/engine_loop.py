@@ -87,21 +87,24 @@ class EngineLoop:
                sink: Sink, prompt: str | None = None) -> None:
         """Queue a validated request. Raises `InvalidRequestError` if `rid` is in use and
         `EngineError` after shutdown, both before anything is queued."""
-        with self._live_lock:
+        item = _Add(rid, prompt_ids, params, namespace, prompt, sink)
+        with self._live_lock:  # queued under the lock: nothing can land behind the stop marker
             if self._closed:
                 raise EngineError("the engine loop has been shut down")
             if rid in self._live:
                 raise InvalidRequestError(f"request id {rid!r} is already in use")
             self._live.add(rid)
-        self._inbox.put(_Add(rid, prompt_ids, params, namespace, prompt, sink))
+            self._inbox.put(item)
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
-        """Run `fn(engine)` on the loop thread between steps; its result as a Future."""
+        """Run `fn(engine)` on the loop thread between steps; its result as a Future (failing
+        with `EngineError` once the loop is shut down)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        if not self._thread.is_alive():
-            fut.set_exception(EngineError("the engine loop is not running"))
-            return fut
-        self._inbox.put(_Call(fn, fut))
+        with self._live_lock:
+            if not self._closed and self._thread.is_alive():
+                self._inbox.put(_Call(fn, fut))
+                return fut
+        fut.set_exception(EngineError("the engine loop is not running"))
         return fut
 
     def abort(self, rid: str) -> concurrent.futures.Future:
@@ -119,12 +122,9 @@ class EngineLoop:
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop the loop: abort what is left (its callers get a final "abort" output), join."""
         with self._live_lock:
-            if self._closed:
-                already = True
-            else:
-                self._closed, already = True, False
-        if not already:
-            self._inbox.put(_STOP)
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(_STOP)  # the last item: submit and call check _closed first
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -196,7 +196,10 @@ class EngineLoop:
         if req.finished:
             self._deliver_final(req.rid, req, req.error)
         elif sink.stream:
-            sink.callback(Engine.output(req), None)
+            try:
+                sink.callback(Engine.output(req), None)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the loop
+                log.exception("output callback raised")
 
     def _deliver_final(self, rid: str, req: Request | None, err: BaseException | None) -> None:
         sink = self._sinks.pop(rid, None)

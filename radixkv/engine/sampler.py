@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from radixkv.engine.sampling_params import SamplingParams
+
+CANDIDATES = 1024  # top tokens per row that top-k / top-p look at before any full sort
 
 
 @dataclass(slots=True)
@@ -82,29 +85,33 @@ class Sampler:
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, pen: list[int], rows: Sequence[SampleRow]) -> None:
-        """Penalties for rows `pen` of x [B, V], in place, from count matrices built at once."""
+        """Penalties for rows `pen` of x [B, V], in place, touching only the tokens each row has
+        seen: one gather and one scatter of those entries, not [B, V] count matrices."""
         dev, v = x.device, x.shape[1]
-        k = len(pen)
-        out_rows = torch.cat([torch.full((len(rows[i].output_ids),), j, dtype=torch.long)
-                              for j, i in enumerate(pen)])
-        out_ids = torch.tensor([t for i in pen for t in rows[i].output_ids], dtype=torch.long)
-        counts = torch.zeros(k, v, device=dev)  # [k, V] output token counts
-        counts.index_put_((out_rows.to(dev), out_ids.to(dev)),
-                          torch.ones(len(out_ids), device=dev), accumulate=True)
-        p_rows = torch.cat([torch.full((len(rows[i].prompt_ids),), j, dtype=torch.long)
-                            for j, i in enumerate(pen)])
-        p_ids = torch.cat([torch.as_tensor(rows[i].prompt_ids, dtype=torch.long) for i in pen])
-        seen = counts > 0  # [k, V] in the prompt or the output
-        seen[p_rows.to(dev), p_ids.to(dev)] = True
-        freq = torch.tensor([rows[i].params.frequency_penalty for i in pen], device=dev)
-        pres = torch.tensor([rows[i].params.presence_penalty for i in pen], device=dev)
-        rep = torch.tensor([rows[i].params.repetition_penalty for i in pen], device=dev)
-        idx = torch.tensor(pen, dtype=torch.long, device=dev)
-        sub = x[idx]  # [k, V]
-        rep = rep[:, None].expand_as(sub)
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - freq[:, None] * counts - pres[:, None] * (counts > 0)
-        x[idx] = sub
+        # (row, token) pairs as keys row * V + token: the seen set (prompt or output) and the
+        # output counts, on the host (a few hundred entries per row)
+        out_keys = np.concatenate([np.asarray(rows[i].output_ids, dtype=np.int64) + i * v
+                                   for i in pen])
+        seen = np.unique(np.concatenate(
+            [np.asarray(rows[i].prompt_ids, dtype=np.int64) + i * v for i in pen] + [out_keys]))
+        out_u, counts = np.unique(out_keys, return_counts=True)
+        row_of, tok_of = seen // v, seen % v  # [N] rows and tokens of the seen entries
+        cnt = np.zeros(len(seen), dtype=np.float32)
+        cnt[np.searchsorted(seen, out_u)] = counts  # output counts aligned with `seen`
+        per_row = np.zeros((3, len(rows)), dtype=np.float32)  # rep, freq, pres of each row
+        for i in pen:
+            p = rows[i].params
+            per_row[:, i] = (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)
+        rep, freq, pres = per_row[:, row_of]  # [N] each
+        r_t = torch.from_numpy(row_of).to(dev)
+        t_t = torch.from_numpy(tok_of).to(dev)
+        vals = x[r_t, t_t]  # [N]
+        rep_t = torch.from_numpy(rep).to(dev)
+        vals = torch.where(vals > 0, vals / rep_t, vals * rep_t)
+        cnt_t = torch.from_numpy(cnt).to(dev)
+        vals = (vals - torch.from_numpy(freq).to(dev) * cnt_t
+                - torch.from_numpy(pres).to(dev) * (cnt_t > 0))
+        x[r_t, t_t] = vals
 
     # ---- sampling ---------------------------------------------------------------------------
     def _sample(self, x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -132,16 +139,44 @@ class Sampler:
 
     @staticmethod
     def _top_k_top_p(probs: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-        """Zero what top-k and top-p drop, on one descending sort of every row."""
+        """Zero what top-k and top-p drop.
+
+        A full sort of [S, V] dominates sampling, so the rows are first cut to their top
+        `CANDIDATES` (a partial sort): a row whose top-k fits there, or whose candidates already
+        hold top_p of the mass, is exact on them (everything past the candidates is dropped
+        anyway). Only rows that are not (a flat distribution under top-p) sort in full; rows
+        without either filter are left as they are.
+        """
         dev, v = probs.device, probs.shape[1]
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # [S, V]
-        k = torch.tensor([kk if 0 < kk < v else v for kk in top_k], device=dev)
-        rank = torch.arange(v, device=dev)[None, :]
+        ks = [kk if 0 < kk < v else v for kk in top_k]
+        cap = min(v, max([CANDIDATES, *(kk for kk in ks if kk < v)]))
+        vals, order = probs.topk(cap, dim=-1)  # [S, cap] descending
+        k = torch.tensor(ks, device=dev)
+        p = torch.tensor(top_p, device=dev)
+        drop = Sampler._drop(vals, k, p)
+        # exact on the candidates: top-k within them (it cuts any nucleus too), or the
+        # candidates hold top_p of the mass (the nucleus lies within them)
+        exact = (k <= cap) | ((p < 1.0) & (vals.sum(dim=-1) >= p))
+        out = torch.zeros_like(probs).scatter_(1, order, vals.masked_fill(drop, 0.0))
+        rest = (~exact).nonzero()[:, 0].tolist()
+        if rest:  # no filter at all: unchanged; top-p over a flat tail: the full sort
+            sub = probs[rest]
+            filtered = [j for j, i in enumerate(rest) if ks[i] < v or top_p[i] < 1.0]
+            if filtered:
+                sorted_p, full = sub[filtered].sort(dim=-1, descending=True)  # [F, V]
+                sel = torch.tensor([rest[j] for j in filtered], device=dev)
+                kept = sorted_p.masked_fill(Sampler._drop(sorted_p, k[sel], p[sel]), 0.0)
+                sub[filtered] = torch.zeros_like(sorted_p).scatter_(1, full, kept)
+            out[rest] = sub
+        return out
+
+    @staticmethod
+    def _drop(sorted_p: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """[S, n] mask of the descending-sorted probabilities that top-k / top-p remove."""
+        rank = torch.arange(sorted_p.shape[1], device=sorted_p.device)[None, :]
         drop = rank >= k[:, None]
         before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
-        drop |= before >= torch.tensor(top_p, device=dev)[:, None]  # the top token stays
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        return torch.zeros_like(probs).scatter_(1, order, sorted_p)
+        return drop | (before >= p[:, None])  # the top token always stays
 
     # ---- logprobs ---------------------------------------------------------------------------
     @staticmethod

@@ -29,7 +29,8 @@ class SamplingParams:
       output; `frequency_penalty` subtracts penalty x count of each token in the output so far;
       `presence_penalty` subtracts the penalty once for each token present in the output.
       `logit_bias` adds a bias to given token ids.
-    - `min_tokens`: EOS and `stop_token_ids` are blocked until this many tokens are generated.
+    - `min_tokens`: EOS and `stop_token_ids` are blocked, and stop strings not looked for, until
+      this many tokens are generated.
     - Stopping: `stop` strings end the request and are cut from the text (kept with
       `include_stop_str_in_output`); `stop_token_ids` and EOS (unless `ignore_eos`) end it too;
       `max_tokens` bounds the output.

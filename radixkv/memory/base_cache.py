@@ -27,12 +27,14 @@ TokensLike = np.ndarray | torch.Tensor | list[int] | tuple[int, ...]
 class CacheNode:
     """The node handle a prefix cache hands out (`MatchResult.node`): pass it back to `lock` /
     `unlock`. Read-only for callers: `parent` is None at a namespace root, `children` maps a
-    child key to its node, `lock_ref` counts the requests that pin it."""
+    child key to its node, `lock_ref` counts the requests that pin it, `namespace` is the
+    tenant whose tree it belongs to."""
 
     __slots__ = ()
     parent: CacheNode | None
     children: Mapping[Any, CacheNode]
     lock_ref: int
+    namespace: Namespace
 
 
 @dataclass(slots=True, frozen=True)

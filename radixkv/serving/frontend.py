@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,9 @@ class Frontend:
             seed=seed, kv_store=kv_store, kv_store_write_through=kv_store_write_through,
             kv_cache_dtype=kv_cache_dtype))
         self.loop = EngineLoop(self.engine)
+        # The loop thread references the engine, not this object: once nobody holds the front
+        # end, stop its loop, or the thread and the KV pool would live until interpreter exit.
+        weakref.finalize(self, self.loop.shutdown, 0.0)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-{id(self):x}"
 
