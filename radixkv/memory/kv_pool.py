@@ -221,6 +221,15 @@ class TokenToKVPool:
         self.k_buffers[layer][slots] = k
         self.v_buffers[layer][slots] = v
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V of slots `src` [n] into slots `dst` [n] in every layer (copy-on-write of a
+        forked sequence's partially filled last page)."""
+        if src.numel() == 0:
+            return
+        s, d = src.to(self.device), dst.to(self.device)
+        for buf in (*self.k_buffers, *self.v_buffers):
+            buf[d] = buf[s]
+
     def bytes_per_token(self) -> int:
         """Bytes of K plus V for one token across all layers."""
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
