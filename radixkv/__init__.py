@@ -19,6 +19,9 @@ _EXPORTS = {
     "LLM": "radixkv.serving.llm",
     "AsyncLLM": "radixkv.serving.async_llm",
     "SamplingParams": "radixkv.engine.sampling_params",
+    "BeamSearchParams": "radixkv.engine.beam_search",
+    "BeamSearchOutput": "radixkv.engine.beam_search",
+    "BeamSearchSequence": "radixkv.engine.beam_search",
     "RequestOutput": "radixkv.engine.outputs",
     "CompletionOutput": "radixkv.engine.outputs",
     "RequestMetrics": "radixkv.engine.outputs",
@@ -32,13 +35,15 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "LLM", "AsyncLLM", "CacheStats", "CompletionOutput", "MatchResult", "NaiveCache",
+    "LLM", "AsyncLLM", "BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence",
+    "CacheStats", "CompletionOutput", "MatchResult", "NaiveCache",
     "RadixCache", "ReqToTokenPool", "RequestMetrics", "RequestOutput", "SamplingParams",
     "TokenToKVPool", "__version__", "errors",
 ]
 
 if TYPE_CHECKING:
     from radixkv import errors
+    from radixkv.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
     from radixkv.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
     from radixkv.engine.sampling_params import SamplingParams
     from radixkv.memory.base_cache import CacheStats, MatchResult

@@ -92,10 +92,14 @@ def test_write_through_and_config_errors(tiny_llama_dir, oracle, tmp_path):  # n
         assert llm.loop.call(lambda e: e.tier.flush(10)).result()
         assert llm.cache_stats()["tier_written_pages"] == 3  # no eviction needed
     for bad in ({"kv_store": "ftp://x"}, {"kv_store": "host"},
-                {"kv_store": url, "enable_prefix_cache": False},
-                {"kv_store": url, "page_size": 3}):
+                {"kv_store": url, "enable_prefix_cache": False}):
         with pytest.raises(ConfigError):
             LLM(str(tiny_llama_dir), max_total_tokens=POOL, **bad)
+    from radixkv.engine import EngineConfig
+
+    with pytest.raises(ConfigError):  # a tier page must hold whole cache pages
+        EngineConfig(max_total_tokens=POOL, page_size=3, kv_store=url, kv_tier_page_tokens=64)
+    assert EngineConfig(max_total_tokens=POOL, page_size=3).kv_tier_page_tokens == 63
 
 
 CHILD = textwrap.dedent("""

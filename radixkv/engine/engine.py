@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from radixkv.attention import check_kv_cache_support
+from radixkv.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamState
 from radixkv.engine.detokenizer import IncrementalDetokenizer
+from radixkv.engine.forking import ForkingMixin, beam_output
 from radixkv.engine.model_runner import ModelRunner
 from radixkv.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from radixkv.engine.request import Request
-from radixkv.engine.sampler import Sampler, SampleRow
+from radixkv.engine.request import Request, Status
+from radixkv.engine.sampler import Sampler, SampleResult, SampleRow
 from radixkv.engine.sampling_params import SamplingParams
 from radixkv.engine.schedule_policy import POLICIES
 from radixkv.engine.scheduler import Batch, Scheduler
@@ -50,7 +52,7 @@ class EngineConfig:
     seed: int = 0
     kv_store: str | None = None  # "file:///dir" or "redis://host:port/db": a KV tier below
     kv_store_write_through: bool = False  # also store prompts' pages as soon as computed
-    kv_tier_page_tokens: int = DEFAULT_PAGE_TOKENS
+    kv_tier_page_tokens: int | None = None  # None: the largest multiple of page_size <= 64
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype), "int8" or "fp8_e4m3"
 
     def __post_init__(self) -> None:
@@ -67,6 +69,9 @@ class EngineConfig:
             raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.kv_store is not None and not isinstance(self.kv_store, str):
             raise ConfigError(f"kv_store must be a URL string or None, got {self.kv_store!r}")
+        if self.kv_tier_page_tokens is None:  # at most 64 tokens, a multiple of page_size
+            p = self.page_size
+            self.kv_tier_page_tokens = max(p, DEFAULT_PAGE_TOKENS // p * p)
         _positive_int("kv_tier_page_tokens", self.kv_tier_page_tokens)
         if self.kv_tier_page_tokens % self.page_size:
             raise ConfigError(f"kv_tier_page_tokens ({self.kv_tier_page_tokens}) must be a "
@@ -76,8 +81,10 @@ class EngineConfig:
         parse_kv_cache_dtype(self.kv_cache_dtype, torch.float32)  # ConfigError naming choices
 
 
-class Engine:
-    """Continuous batching over the three memory levels for one loaded model."""
+class Engine(ForkingMixin):
+    """Continuous batching over the three memory levels for one loaded model.
+
+    Parallel samples and beam search fork inside the engine (see `ForkingMixin`)."""
 
     def __init__(self, lm: LoadedModel, config: EngineConfig) -> None:
         cfg = lm.config
@@ -130,12 +137,28 @@ class Engine:
             self.tier.close()
 
     # ---- requests ---------------------------------------------------------------------------
-    def validate(self, prompt_ids: Sequence[int] | np.ndarray, params: SamplingParams,
-                 namespace: Any = None) -> np.ndarray:
+    def validate(self, prompt_ids: Sequence[int] | np.ndarray,
+                 params: SamplingParams | BeamSearchParams, namespace: Any = None) -> np.ndarray:
         """Check a request without touching any state; returns the prompt as int32 ids.
 
-        Reads only immutable configuration, so any thread may call it.
+        Reads only immutable configuration, so any thread may call it. Forks need room: `n`
+        samples and `beam_width` beams each take a request row (at most max_running_requests);
+        n samples need prompt + n x max_tokens slots (each also copies < page_size tokens of
+        the last prompt page), beam search beam_width x (prompt + max_tokens).
         """
+        if isinstance(params, BeamSearchParams):
+            arr = self.validate(prompt_ids, params.sampling_params(), namespace)
+            w = params.beam_width
+            if w > self.config.max_running_requests:
+                raise InvalidRequestError(f"beam_width = {w} exceeds max_running_requests "
+                                          f"({self.config.max_running_requests})")
+            need = w * (arr.size + params.max_tokens)
+            if need > self.kv_pool.num_slots:
+                raise InvalidRequestError(
+                    f"beam_width x (prompt + max_tokens) = {w} x ({arr.size} + "
+                    f"{params.max_tokens}) = {need} tokens cannot fit the KV pool "
+                    f"({self.kv_pool.num_slots} slots)")
+            return arr
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {params!r}")
         if not isinstance(namespace, Hashable):
@@ -166,34 +189,68 @@ class Engine:
         if params.n > self.config.max_running_requests:
             raise InvalidRequestError(f"n = {params.n} exceeds max_running_requests "
                                       f"({self.config.max_running_requests})")
+        if params.n > 1:
+            copy = self.config.page_size - 1 if self.config.enable_prefix_cache else arr.size
+            need = arr.size + params.n * params.max_tokens + (params.n - 1) * copy
+            if need > self.kv_pool.num_slots:
+                raise InvalidRequestError(
+                    f"n = {params.n} samples of prompt ({arr.size}) + max_tokens "
+                    f"({params.max_tokens}) need {need} slots; the KV pool has "
+                    f"{self.kv_pool.num_slots}")
         return arr.astype(np.int32)
 
-    def add_request(self, prompt_ids: Sequence[int] | np.ndarray, params: SamplingParams,
-                    namespace: Any = None, rid: str | None = None,
-                    prompt: str | None = None) -> Request:
-        """Validate and queue a request; it joins the running batch at a coming step."""
+    def add_request(self, prompt_ids: Sequence[int] | np.ndarray,
+                    params: SamplingParams | BeamSearchParams, namespace: Any = None,
+                    rid: str | None = None, prompt: str | None = None) -> Request:
+        """Validate and queue a request; it joins the running batch at a coming step.
+
+        `SamplingParams(n > 1)`: the prompt is prefilled once, then forked into n samples
+        (`req.samples`); sample i draws from its own generator seeded with `seed + i` (when a
+        seed is given), so it equals a separate request with seed `seed + i`.
+        `BeamSearchParams`: a beam search (see `radixkv.engine.beam_search`).
+        """
         arr = self.validate(prompt_ids, params, namespace)
         rid = rid if rid is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
-        req = Request(rid, arr, params, namespace, prompt=prompt)
-        req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, params.stop_strings, skip_special_tokens=params.skip_special_tokens,
-            include_stop_str_in_output=params.include_stop_str_in_output)
-        if params.seed is not None:
-            req.generator = torch.Generator().manual_seed(params.seed)
+        beam = params if isinstance(params, BeamSearchParams) else None
+        if beam is not None:
+            params = beam.sampling_params()
+        req = self._new_seq(rid, arr, params, namespace, prompt, params.seed)
+        if beam is not None:
+            eos = frozenset() if beam.ignore_eos else self.eos_ids
+            req.beam = BeamState(beam.beam_width, beam.max_tokens, float(beam.length_penalty),
+                                 eos)
+            req.detokenizer = None
+        elif params.n > 1:
+            req.samples = [self._new_seq(f"{rid}/{i}", arr, params, namespace, prompt,
+                                         None if params.seed is None else params.seed + i)
+                           for i in range(params.n)]
+            for i, child in enumerate(req.samples):
+                child.parent, child.index = req, i
         self.requests[rid] = req
         self.scheduler.add(req)
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(arr)
         return req
 
+    def _new_seq(self, rid: str, arr: np.ndarray, params: SamplingParams, namespace: Any,
+                 prompt: str | None, seed: int | None) -> Request:
+        req = Request(rid, arr, params, namespace, prompt=prompt)
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, params.stop_strings, skip_special_tokens=params.skip_special_tokens,
+            include_stop_str_in_output=params.include_stop_str_in_output)
+        if seed is not None:
+            req.generator = torch.Generator().manual_seed(seed)
+        return req
+
     def abort(self, rid: str) -> bool:
-        """Stop a request now, releasing its memory; False if it is unknown or already done."""
+        """Stop a request now, releasing its memory (every sample / beam of it); False if it
+        is unknown or already done."""
         req = self.requests.get(rid)
         if req is None or req.finished:
             return False
-        self._finish(req, "abort")
+        self._finish_group(req, "abort")
         return True
 
     def has_work(self) -> bool:
@@ -203,6 +260,7 @@ class Engine:
     def step(self) -> list[Request]:
         """One engine iteration; returns the requests that got a token, finished or failed.
 
+        Returned are the submitted requests (a parent once for all its samples / beams).
         A forward that raises fails only that batch's requests (`finish_reason == "error"`,
         `req.error` an `EngineError`); their memory is released and the engine keeps serving.
         """
@@ -215,16 +273,19 @@ class Engine:
         try:
             logits = self.runner.forward(batch)  # 2. run the model, then sample
             tf = time.perf_counter()
-            rows = [self._sample_row(it.req) for it in batch.items if it.samples_next]
+            seqs, per_item, src = self._sample_plan(batch)
+            if len(src) != logits.shape[0]:  # a forking parent's row serves each of its samples
+                logits = logits[torch.tensor(src, device=logits.device)]
+            rows = [self._sample_row(s) for s in seqs]
             sample = self.sampler(logits, rows)
         except Exception as exc:  # noqa: BLE001 - any model failure becomes the batch's error
             return self._fail(batch, exc)
         t2 = time.perf_counter()
-        if not batch.is_decode and t2 > t1:  # prefill speed, for the tier's fetch-or-compute
-            rate = batch.num_tokens / (t2 - t1)
+        if not batch.is_decode and tf > t1:  # prefill speed, for the tier's fetch-or-compute
+            rate = batch.num_tokens / (tf - t1)
             prev = self.scheduler.prefill_tokens_per_s
             self.scheduler.prefill_tokens_per_s = rate if prev is None else 0.8 * prev + 0.2 * rate
-        touched = self._process(batch, sample.tokens, sample.logprobs)  # 3. process outputs
+        touched = self._process(batch, seqs, per_item, sample)  # 3. process outputs
         t3 = time.perf_counter()
         st = self.step_time
         st["schedule"] += t1 - t0
@@ -233,8 +294,31 @@ class Engine:
         st["process"] += t3 - t2
         return touched
 
+    @staticmethod
+    def _sample_plan(batch: Batch) -> tuple[list[Request], list[tuple[str, int, int]], list[int]]:
+        """The sequence each sampler row is for, how each sampling item takes its tokens
+        ("one", "fork" or "beam", first row, rows) and the logits row of each sampler row."""
+        seqs: list[Request] = []
+        per_item: list[tuple[str, int, int]] = []
+        src: list[int] = []
+        for j, it in enumerate(it for it in batch.items if it.samples_next):
+            req = it.req
+            if req.is_beam:
+                kind, group = "beam", [req]
+            elif req.pending_fork:
+                kind, group = "fork", req.samples
+            else:
+                kind, group = "one", [req]
+            per_item.append((kind, len(seqs), len(group)))
+            seqs.extend(group)
+            src.extend([j] * len(group))
+        return seqs, per_item, src
+
     def _sample_row(self, req: Request) -> SampleRow:
         p = req.params
+        if req.is_beam:
+            return SampleRow(p, None, req.prompt_ids, req.output_ids,
+                             beam_k=req.group.beam.num_candidates)
         block: tuple[int, ...] = ()
         if len(req.output_ids) < p.min_tokens:
             block = (*(() if p.ignore_eos else self.eos_ids), *p.stop_token_ids)
@@ -245,22 +329,41 @@ class Engine:
         err = EngineError(f"model forward failed: {type(exc).__name__}: {exc}")
         err.__cause__ = exc
         now = time.time()
+        groups: dict[int, Request] = {}
         for req in failed:
             req.error = err
             req.finish_time = now
+            groups.setdefault(id(req.group), req.group)
+        for group in groups.values():
             self.counters["errors"] += 1
-            self._count_finish("error")
-        return failed
+            if group.finished:  # failed itself (not forked yet)
+                for s in group.samples or ():
+                    s.status, s.finish_reason = Status.FINISHED, "error"
+                self._count_finish("error")
+            else:  # a sample / beam failed: the whole request does
+                self._finish_group(group, "error")
+            group.error = err
+        return list(groups.values())
 
-    def _process(self, batch: Batch, tokens: list[int],
-                 logprobs: list[dict[int, float] | None]) -> list[Request]:
+    def _process(self, batch: Batch, seqs: list[Request], per_item: list[tuple[str, int, int]],
+                 sample: SampleResult) -> list[Request]:
         self.counters["steps"] += 1
-        touched = self.scheduler.postprocess(batch, tokens)
+        toks = sample.tokens
+        item_tokens: list[int | list[int] | None] = [
+            None if kind == "beam" else toks[a] if kind == "one" else toks[a:a + n]
+            for kind, a, n in per_item]
+        self.scheduler.postprocess(batch, item_tokens)
         now = time.time()
-        for req, tok, lp in zip(touched, tokens, logprobs, strict=True):
-            if req.first_token_time is None:
-                req.first_token_time = now
-                self.counters["cached_tokens"] += req.prefix_hit
+        touched: dict[int, Request] = {}
+        beams: dict[int, list[int]] = {}
+        for r, req in enumerate(seqs):
+            group = req.group
+            touched.setdefault(id(group), group)
+            self._first_token(req, now)
+            if req.is_beam:
+                beams.setdefault(id(group), []).append(r)
+                continue
+            tok, lp = toks[r], sample.logprobs[r]
             if lp is not None and req.logprobs is not None:
                 req.logprobs.append(lp)
                 req.cumulative_logprob += lp[tok]
@@ -269,7 +372,18 @@ class Engine:
             reason = self._stop_reason(req, tok)
             if reason is not None:
                 self._finish(req, reason)
-        return touched
+        for rs in beams.values():
+            self._beam_step(seqs[rs[0]].group, [seqs[r] for r in rs],
+                            [sample.candidates[r] for r in rs])
+        return list(touched.values())
+
+    def _first_token(self, req: Request, now: float) -> None:
+        group = req.group
+        if group.first_token_time is None:
+            group.first_token_time = now
+            self.counters["cached_tokens"] += max(group.prefix_hit, 0)
+        if req.first_token_time is None:
+            req.first_token_time = now
 
     def _stop_reason(self, req: Request, tok: int) -> str | None:
         p = req.params
@@ -287,10 +401,17 @@ class Engine:
         return None
 
     def _finish(self, req: Request, reason: str) -> None:
+        """A sequence ends on its own (stop / length); its request ends with its last sample."""
         self.scheduler.finish(req, reason)
         req.finish_time = time.time()
         req.detokenizer.finish()
-        self._count_finish(reason)
+        group = req.parent
+        if group is None:
+            self._count_finish(reason)
+        elif all(s.finished for s in group.samples):
+            group.status, group.finish_reason = Status.FINISHED, reason
+            group.finish_time = req.finish_time
+            self._count_finish(reason)
 
     def _count_finish(self, reason: str) -> None:
         self.counters["requests_finished"] += 1
@@ -318,23 +439,18 @@ class Engine:
 
     # ---- outputs ----------------------------------------------------------------------------
     @staticmethod
-    def output(req: Request) -> RequestOutput:
-        """A snapshot of `req` as a `RequestOutput` (cumulative text and tokens)."""
-        done = req.finished
-        # While running, hold back a tail that may still become a stop string (cut later), so
-        # the cumulative text only ever grows.
-        text = req.text if done else req.detokenizer.safe_text()
-        comp = CompletionOutput(
-            index=0, text=text, token_ids=list(req.output_ids),
-            finish_reason=req.finish_reason if done else None,
-            stop_reason=req.stop_reason if done else None,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None)
+    def output(req: Request) -> RequestOutput | BeamSearchOutput:
+        """A snapshot of `req` as a `RequestOutput` (cumulative text and tokens, one
+        `CompletionOutput` per sample), or a `BeamSearchOutput` for a beam search."""
+        if req.beam is not None:
+            return beam_output(req)
+        seqs = req.samples if req.samples is not None else [req]
         return RequestOutput(
             request_id=req.rid, prompt=req.prompt, prompt_token_ids=req.prompt_ids.tolist(),
-            outputs=[comp], finished=done, num_cached_tokens=max(req.prefix_hit, 0),
+            outputs=[_completion(s, i) for i, s in enumerate(seqs)], finished=req.finished,
+            num_cached_tokens=max(req.prefix_hit, 0),
             metrics=RequestMetrics(req.arrival, req.first_token_time, req.finish_time),
-            num_preemptions=req.preemptions)
+            num_preemptions=req.preemptions + sum(s.preemptions for s in req.samples or ()))
 
     # ---- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -397,3 +513,16 @@ class Engine:
             raise AssertionError("idle engine still holds locks on the tree")
         if self.req_pool.available_size() != self.req_pool.max_requests:
             raise AssertionError("idle engine still holds request rows")
+
+
+def _completion(req: Request, index: int) -> CompletionOutput:
+    done = req.finished
+    # While running, hold back a tail that may still become a stop string (cut later), so the
+    # cumulative text only ever grows.
+    text = req.text if done else req.detokenizer.safe_text()
+    return CompletionOutput(
+        index=index, text=text, token_ids=list(req.output_ids),
+        finish_reason=req.finish_reason if done else None,
+        stop_reason=req.stop_reason if done else None,
+        logprobs=list(req.logprobs) if req.logprobs is not None else None,
+        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from radixkv.engine.beam_search import BeamSearchParams
 from radixkv.engine.engine import Engine
 from radixkv.engine.outputs import CompletionOutput, RequestOutput
 from radixkv.engine.request import Request
@@ -46,7 +47,7 @@ class Sink:
 class _Add:
     rid: str
     prompt_ids: np.ndarray
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     namespace: Any
     prompt: str | None
     sink: Sink
@@ -83,7 +84,8 @@ class EngineLoop:
         _LOOPS.add(self)
 
     # ---- caller side (any thread) -----------------------------------------------------------
-    def submit(self, rid: str, prompt_ids: np.ndarray, params: SamplingParams, namespace: Any,
+    def submit(self, rid: str, prompt_ids: np.ndarray, params: SamplingParams | BeamSearchParams,
+               namespace: Any,
                sink: Sink, prompt: str | None = None) -> None:
         """Queue a validated request. Raises `InvalidRequestError` if `rid` is in use and
         `EngineError` after shutdown, both before anything is queued."""

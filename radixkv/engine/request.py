@@ -18,6 +18,7 @@ from radixkv.memory.base_cache import CacheNode
 class Status(enum.Enum):
     WAITING = "waiting"  # queued; owns no slots and no row
     RUNNING = "running"  # has a row, a locked tree node and its own slots
+    FORKED = "forked"  # a parent whose samples / beams run (see `samples`); holds no memory
     FINISHED = "finished"
 
 
@@ -33,6 +34,12 @@ class Request:
     | [cached_len, kv_len)    | the request    | finish / preempt / abort (after tree insert) |
 
     `kv_len` counts tokens whose K/V are in the pool; the last sampled token has none yet.
+
+    Forks (parallel samples, beams): the request a caller submits is the *parent*. It prefills
+    the prompt once; at its first sample it forks into `samples` (Requests with `parent` set,
+    each its own row, all locking the parent's tree node) and turns FORKED, holding nothing.
+    With `n > 1` the n samples are created at submission (sample i's generator is seeded with
+    `seed + i`); with beam search (`beam` set) `samples` is the current set of live beams.
     The prompt and the generated tokens live in one int32 buffer sized for the whole request, so
     `token_ids()` is a view, never a concatenation.
     """
@@ -62,6 +69,12 @@ class Request:
     arrival: float = field(default_factory=time.time)
     first_token_time: float | None = None
     finish_time: float | None = None
+    parent: Request | None = None  # the submitted request this one is a sample / beam of
+    samples: list[Request] | None = None  # on a parent: its samples (n > 1) or live beams
+    index: int = 0  # sample index within the parent
+    beam: Any = None  # on a beam-search parent: its `BeamState`
+    fork_slots: torch.Tensor | None = None  # on a parent: slots reserved for this step's forks
+    reserved_rows: int = 0  # on a parent before its fork: rows kept back for its samples
     _seq: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +87,32 @@ class Request:
     def token_ids(self) -> np.ndarray:
         """Prompt followed by the generated tokens, int32 (a view: do not modify)."""
         return self._seq[:self.total_len]
+
+    def copy_tokens_from(self, src: Request) -> None:
+        """Take `src`'s generated tokens (a fork starts where its source is)."""
+        n = src.total_len
+        self._seq[:n] = src._seq[:n]
+        self.output_ids = list(src.output_ids)
+
+    @property
+    def group(self) -> Request:
+        """The submitted request this sequence belongs to (itself when not a fork)."""
+        return self.parent if self.parent is not None else self
+
+    @property
+    def is_beam(self) -> bool:
+        return self.group.beam is not None
+
+    @property
+    def width(self) -> int:
+        """Sequences this request forks into: n, or the beam width."""
+        return self.beam.width if self.beam is not None else self.params.n
+
+    @property
+    def pending_fork(self) -> bool:
+        """A running parent that forks at its next sample (n > 1 or beam search)."""
+        return (self.status is Status.RUNNING and self.parent is None
+                and (self.beam is not None or self.params.n > 1))
 
     def append_token(self, tok: int) -> None:
         self._seq[self.total_len] = tok

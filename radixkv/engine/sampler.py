@@ -30,6 +30,7 @@ class SampleRow:
     prompt_ids: Sequence[int]  # for the repetition penalty
     output_ids: Sequence[int]
     block_ids: Sequence[int] = ()  # tokens masked this step (EOS / stop ids before min_tokens)
+    beam_k: int = 0  # beam search: also return the top beam_k (token, logprob) of the model
 
 
 @dataclass(slots=True)
@@ -37,6 +38,8 @@ class SampleResult:
     tokens: list[int]  # [B]
     # per row: {token id: logprob} of the sampled token and the top-k (None where not asked)
     logprobs: list[dict[int, float] | None]
+    # per row: (top token ids, their logprobs) best first, for rows with beam_k (else None)
+    candidates: list[tuple[list[int], list[float]] | None] | None = None
 
 
 class Sampler:
@@ -55,8 +58,26 @@ class Sampler:
             tokens[sampled] = self._sample(x[sampled], [rows[i] for i in sampled])
         want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if not want:
-            return SampleResult(tokens.tolist(), [None] * len(rows))
-        return self._with_logprobs(raw, tokens, rows, want)
+            result = SampleResult(tokens.tolist(), [None] * len(rows))
+        else:
+            result = self._with_logprobs(raw, tokens, rows, want)
+        beams = [i for i, r in enumerate(rows) if r.beam_k]
+        if beams:
+            result.candidates = self._top_candidates(raw, rows, beams)
+        return result
+
+    @staticmethod
+    def _top_candidates(raw: torch.Tensor, rows: Sequence[SampleRow], beams: list[int]
+                        ) -> list[tuple[list[int], list[float]] | None]:
+        """Top beam_k log-probabilities (model distribution) of rows `beams`, in one topk."""
+        k = min(max(rows[i].beam_k for i in beams), raw.shape[1])
+        idx = torch.tensor(beams, device=raw.device)
+        top_v, top_i = torch.log_softmax(raw[idx], dim=-1).topk(k, dim=-1)  # [R, k]
+        vals, ids = top_v.tolist(), top_i.tolist()
+        out: list[tuple[list[int], list[float]] | None] = [None] * len(rows)
+        for j, i in enumerate(beams):
+            out[i] = (ids[j], vals[j])
+        return out
 
     # ---- logit processing -------------------------------------------------------------------
     @staticmethod

@@ -37,7 +37,10 @@ class SamplingParams:
     - `logprobs=k` returns, for every generated token, the log-probabilities (of the model's
       distribution, before penalties and temperature) of the sampled token and the top k.
     - A `seed` makes the request's samples reproducible whatever it is batched with.
-    - `n` parallel samples share the prompt's KV (with temperature 0 they are all equal).
+    - `n` parallel samples share the prompt's KV: it is prefilled once and forked in the engine
+      (with temperature 0 they are all equal). With a `seed`, sample i draws from a generator
+      seeded with `seed + i`, so it equals a separate request with seed `seed + i`, whatever
+      either is batched with; without one, samples draw from the engine's shared generator.
     Invalid values raise `InvalidRequestError` at construction.
     """
 

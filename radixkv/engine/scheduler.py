@@ -18,6 +18,22 @@ written from the tier -> tree (insert; duplicates of what the tree gained meanwh
 list), so the request is admitted with them as an ordinary tree hit. Leaves evicted from the tree
 are copied to the tier (write-back) before their slots return to the free list.
 
+Forks (parallel samples `n > 1`, beam search; see `fork`): the source's computed, page-aligned
+KV goes into the tree first, so every fork shares it by locking the same node:
+
+| event                | [0, cached_len)      | [cached_len, kv_len)               |
+|----------------------|----------------------|------------------------------------|
+| schedule the step    | (as above)           | (as above); the group's parent also|
+|   that forks         |                      | owns `fork_slots`: (forks) x tail  |
+| fork (insert + lock) | tree, locked once    | the source's tail (< page_size     |
+|                      | more by each fork    | tokens) is copied into fork_slots: |
+|                      |                      | each fork owns its own copy (COW)  |
+| parent after fork    | nothing (FORKED)     | its tail went to sample 0 / beam 0 |
+| beam pruned          | unlocked             | its own tail -> free list          |
+| end of the step      |                      | unused fork_slots -> free list     |
+
+A forking parent keeps `width - 1` request rows in reserve from admission to its fork.
+
 Invariant when idle: pool free slots + tree slots == pool size.
 """
 
@@ -32,7 +48,7 @@ import torch
 
 from radixkv.engine.request import Request, Status
 from radixkv.engine.schedule_policy import order_waiting
-from radixkv.errors import OutOfSlotsError
+from radixkv.errors import EngineError, OutOfSlotsError
 from radixkv.memory.base_cache import PrefixCache, common_prefix_len
 from radixkv.memory.kv_pool import TokenToKVPool
 from radixkv.memory.req_pool import ReqToTokenPool
@@ -85,6 +101,7 @@ class Scheduler:
         self.prefill_tokens_per_s: float | None = None  # measured by the engine, for the tier
         if tier is not None and cache.retains_slots:
             cache.evict_hook = tier.save  # write-back of evicted prefixes
+        self.reserved_rows = 0  # rows promised to admitted parents for their coming forks
 
     # ---- queue ------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -224,15 +241,126 @@ class Scheduler:
             decoding = [r for r in self.running if not r.in_prefill]
             if not decoding:
                 return None
-            slots = self._alloc(len(decoding))
+            owners = self._decode_fork_needs(decoding)
+            slots = self._alloc(len(decoding) + sum(k for _, k in owners))
             if slots is not None:
                 break
             self._preempt(self.running[-1])  # newest admitted loses the least work
+        off = len(decoding)
+        for owner, k in owners:
+            owner.fork_slots, off = slots[off:off + k], off + k
         items = []
         for i, req in enumerate(decoding):
             self.req_pool.write(req.row, req.kv_len, slots[i:i + 1])
             items.append(ScheduledReq(req, req.kv_len, req.kv_len + 1, slots[i:i + 1], True))
         return Batch(True, items)
+
+    # ---- forks ------------------------------------------------------------------------------
+    def _tail(self, kv: int) -> int:
+        """Tokens of a sequence of length kv not in the tree after `cache_prefix` (COW copies)."""
+        return kv % self.page_size if self.cache.retains_slots else kv
+
+    def _fork_need(self, req: Request, end: int) -> int:
+        """Slots the forks of a pending parent take when its forward ends at `end`."""
+        if not req.pending_fork or end != req.total_len:
+            return 0
+        return (req.width - 1) * self._tail(end)
+
+    def _decode_fork_needs(self, decoding: list[Request]) -> list[tuple[Request, int]]:
+        """(owner, slots) reserved for the forks of this decode step: pending parents and beam
+        groups (at most width - 1 forks per group per step, each copying the tail)."""
+        out: list[tuple[Request, int]] = []
+        seen: set[int] = set()
+        for req in decoding:
+            owner = req.group
+            if id(owner) in seen or not (req.pending_fork or req.is_beam):
+                continue
+            seen.add(id(owner))
+            k = (owner.width - 1) * self._tail(req.kv_len + 1)
+            if k:
+                out.append((owner, k))
+        return out
+
+    def fork(self, src: Request, children: list[Request], tokens: list[int], owner: Request,
+             src_continues: bool) -> None:
+        """Fork `src` (all its tokens computed) into `children`, child i then taking tokens[i].
+
+        The source's page-aligned KV goes into the tree and each child locks that node; the
+        unaligned tail is copied into slots from `owner.fork_slots` (reserved when the step was
+        scheduled), so no slot is ever written or owned by two sequences. Unless
+        `src_continues`, children[0] takes over the source's row, lock and tail and the source
+        turns FORKED holding nothing (a parent at its first sample).
+        """
+        self.cache_prefix(src)
+        kv, cached = src.kv_len, src.cached_len
+        tail = kv - cached
+        copies = len(children) - (0 if src_continues else 1)
+        if copies and src.row < 0:
+            raise EngineError("fork of a sequence that holds no row")
+        src_tail = torch.from_numpy(self._row_slots(src, kv)[cached:])
+        new = torch.empty(0, dtype=torch.int64)
+        if copies * tail:
+            reserve = owner.fork_slots
+            if reserve is None or len(reserve) < copies * tail:
+                raise EngineError("fork without reserved copy-on-write slots")
+            new, owner.fork_slots = reserve[:copies * tail], reserve[copies * tail:]
+        if not src_continues:  # the parent's promised rows are now taken
+            self.reserved_rows -= src.reserved_rows
+            src.reserved_rows = 0
+        prefix = self.req_pool.req_to_token[src.row, :cached]
+        pos = self.running.index(src) + 1 if src in self.running else len(self.running)
+        j = 0
+        for i, (child, tok) in enumerate(zip(children, tokens, strict=True)):
+            child.copy_tokens_from(src)
+            if i == 0 and not src_continues:
+                child.row, child.node = src.row, src.node
+            else:
+                child.row = self.req_pool.alloc()
+                self.req_pool.req_to_token[child.row, :cached] = prefix
+                self.cache.lock(src.node)
+                child.node = src.node
+                own = new[j * tail:(j + 1) * tail]
+                j += 1
+                self.kv_pool.copy_slots(src_tail, own)  # copy-on-write of the partial page
+                self.req_pool.write(child.row, cached, own)
+            child.cached_len, child.kv_len = cached, kv
+            child.status = Status.RUNNING
+            child.append_token(tok)
+        self.running[pos:pos] = children
+        if not src_continues:
+            self.running.remove(src)
+            src.row, src.node, src.cached_len, src.kv_len = -1, None, 0, 0
+            src.status = Status.FORKED
+
+    def prune(self, req: Request) -> None:
+        """Drop a beam: free its own tail, unlock its shared prefix, give back its row."""
+        self._release(req, cache_kv=False)
+        self.running.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = "pruned"
+
+    def drop_fork_slots(self, owner: Request) -> None:
+        """Free what is left of `owner`'s reserved copy-on-write slots."""
+        if owner.fork_slots is not None:
+            self.kv_pool.free(owner.fork_slots)
+            owner.fork_slots = None
+
+    def _restart_beams(self, group: Request) -> None:
+        """Preempting one beam preempts its search: every live beam's KV goes into the tree
+        (evictable), the search state is reset and the parent requeues at the front."""
+        for beam in group.samples or ():
+            if beam.status is Status.RUNNING:
+                self._release(beam)
+                self.running.remove(beam)
+            beam.status = Status.FINISHED
+            beam.finish_reason = "preempted"
+        self.drop_fork_slots(group)
+        group.samples = []
+        group.beam.reset()
+        group.status = Status.WAITING
+        group.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(group)
 
     # ---- memory -----------------------------------------------------------------------------
     def _alloc(self, n: int) -> torch.Tensor | None:
@@ -252,7 +380,9 @@ class Scheduler:
 
     def _admit(self, req: Request) -> bool:
         """Give a waiting request a row and lock its cached prefix; False if it must wait."""
-        if self.req_pool.available_size() == 0:
+        extra = req.width - 1 if req.parent is None and (req.beam is not None
+                                                         or req.params.n > 1) else 0
+        if self.req_pool.available_size() - self.reserved_rows < 1 + extra:
             return False
         ids = req.token_ids()
         need = len(ids) - 1  # upper bound of what it will compute before decoding
@@ -266,15 +396,20 @@ class Scheduler:
         if m.length:
             self.req_pool.write(req.row, 0, m.slots)
         req.status = Status.RUNNING
+        req.reserved_rows = extra
+        self.reserved_rows += extra
         self.running.append(req)
         return True
 
     def _extend_item(self, req: Request, budget: int) -> ScheduledReq | None:
         start = req.kv_len
         end = min(req.total_len, start + budget)
-        slots = self._alloc(end - start)
+        need = self._fork_need(req, end)
+        slots = self._alloc(end - start + need)
         if slots is None:
             return None
+        if need:
+            req.fork_slots, slots = slots[end - start:], slots[:end - start]
         self.req_pool.write(req.row, start, slots)
         return ScheduledReq(req, start, end, slots, end == req.total_len)
 
@@ -319,9 +454,16 @@ class Scheduler:
         self.cache.unlock(req.node)
         self.req_pool.free(req.row)
         req.row, req.node, req.cached_len, req.kv_len = -1, None, 0, 0
+        self.reserved_rows -= req.reserved_rows
+        req.reserved_rows = 0
 
     def _preempt(self, req: Request) -> None:
-        """Stop a running request: cache its KV, free the rest, requeue it at the front."""
+        """Stop a running request: cache its KV, free the rest, requeue it at the front.
+
+        A sample of an n-request is preempted alone; a beam takes its whole search along."""
+        if req.parent is not None and req.is_beam:
+            self._restart_beams(req.parent)
+            return
         self._release(req)
         self.running.remove(req)
         req.status = Status.WAITING
@@ -333,7 +475,10 @@ class Scheduler:
     def postprocess(self, batch: Batch, next_tokens: list[int]) -> list[Request]:
         """End-of-step memory work: advance kv_len, share computed prefixes with the tree at
         chunk ends, append each sampled token (`next_tokens`, one per `samples_next` item, in
-        item order). Returns the requests that got a token; finishing them is the caller's."""
+        item order). Returns the requests that got a token; finishing them is the caller's.
+
+        An entry may also be a list (a pending parent's first token of each sample: the parent
+        forks into `req.samples`, which are returned) or None (a beam: the caller chooses)."""
         sampled: list[Request] = []
         tokens = iter(next_tokens)
         for it in batch.items:
@@ -352,8 +497,14 @@ class Scheduler:
                     self.tier.save(req.namespace, req.token_ids()[:req.kv_len],
                                    self._row_slots(req, req.kv_len))
             if it.samples_next:
-                req.append_token(next(tokens))
-                sampled.append(req)
+                tok = next(tokens)
+                if isinstance(tok, list):
+                    self.fork(req, req.samples, tok, owner=req, src_continues=False)
+                    self.drop_fork_slots(req)
+                    sampled.extend(req.samples)
+                elif tok is not None:
+                    req.append_token(tok)
+                    sampled.append(req)
         return sampled
 
     def fail(self, batch: Batch) -> list[Request]:
@@ -367,6 +518,7 @@ class Scheduler:
             with self.kv_pool.free_group():
                 self.kv_pool.free(it.slots)  # written (or not) by the failed forward
                 self._release(req, cache_kv=False)
+                self.drop_fork_slots(req.group)
             self.running.remove(req)
             req.status = Status.FINISHED
             req.finish_reason = "error"

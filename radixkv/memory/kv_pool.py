@@ -416,10 +416,19 @@ class TokenToKVPool:
         scales = [*self.k_scales, *self.v_scales] if self.quantized else []
         return [*self.k_buffers, *self.v_buffers, *scales]
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V (and scales, when quantized) of slots `src` [n] into slots `dst` [n] in
+        every layer (copy-on-write of a forked sequence's partially filled last page)."""
+        if src.numel() == 0:
+            return
+        s, d = src.to(self.device), dst.to(self.device)
+        for buf in self.slot_buffers():
+            buf[d] = buf[s]
+
     def bytes_per_token(self) -> int:
         """Bytes of K plus V for one token across all layers (scales included)."""
         return kv_quant.pool_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim,
-                                           self.kv_dtype)
+                                             self.kv_dtype)
 
     def total_bytes(self) -> int:
         """Bytes held by all K/V buffers, the reserved slot 0 included."""

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
 from radixkv.engine import SamplingParams
+from radixkv.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from radixkv.engine.engine_loop import Sink
 from radixkv.engine.outputs import RequestOutput
+from radixkv.errors import InvalidRequestError
 from radixkv.serving.frontend import Frontend, Message, Prompt
 
 
@@ -64,6 +66,45 @@ class AsyncLLM(Frontend):
         finally:
             if not done:
                 self.loop.abort(rid)
+
+    async def beam_search(self, prompts: Prompt | list[Prompt], params: BeamSearchParams,
+                          namespace: Hashable = None) -> list[BeamSearchOutput]:
+        """`LLM.beam_search` for asyncio: one `BeamSearchOutput` per prompt, in order. Bad
+        input raises `InvalidRequestError` before anything is queued; cancelling the task
+        aborts the searches still running."""
+        from radixkv.serving.llm import _as_prompt_list
+
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequestError(f"beam_search takes BeamSearchParams, got {params!r}")
+        prepared = [self._prepare(p, None, params, namespace) for p in _as_prompt_list(prompts)]
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future] = []
+        rids: list[str] = []
+        try:
+            for ids, text, bp in prepared:
+                fut = loop.create_future()
+
+                def deliver(out: Any, err: BaseException | None, fut: asyncio.Future = fut
+                            ) -> None:  # loop thread
+                    def settle() -> None:
+                        if not fut.done():
+                            fut.set_exception(err) if err is not None else fut.set_result(out)
+                    try:
+                        loop.call_soon_threadsafe(settle)
+                    except RuntimeError:  # the event loop is closed: nobody is listening
+                        pass
+
+                rid = self._new_id()
+                self.loop.submit(rid, ids, bp, namespace, Sink(deliver, stream=False),
+                                 prompt=text)
+                rids.append(rid)
+                futs.append(fut)
+            return list(await asyncio.gather(*futs))
+        except BaseException:
+            for rid, fut in zip(rids, futs, strict=True):
+                if not fut.done():
+                    self.loop.abort(rid)
+            raise
 
     async def abort(self, request_id: str) -> bool:
         """Abort a queued or running request; False if unknown or already finished."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from radixkv.engine import Engine, EngineConfig, SamplingParams
+from radixkv.engine.beam_search import BeamSearchParams
 from radixkv.engine.engine_loop import EngineLoop
 from radixkv.errors import InvalidRequestError
 from radixkv.memory.kv_quant import parse_kv_cache_dtype, pool_bytes_per_token
@@ -117,8 +118,8 @@ class Frontend:
         return f"req-{self._prefix}-{next(self._ids)}"
 
     def _prepare(self, prompt: Prompt | None, messages: list[Message] | None,
-                 params: SamplingParams | None, namespace: Any
-                 ) -> tuple[np.ndarray, str | None, SamplingParams]:
+                 params: SamplingParams | BeamSearchParams | None, namespace: Any
+                 ) -> tuple[np.ndarray, str | None, SamplingParams | BeamSearchParams]:
         """Validated (prompt ids, prompt text, params); raises before anything is queued."""
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of prompt and messages")

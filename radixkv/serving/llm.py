@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from radixkv.engine import SamplingParams
+from radixkv.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from radixkv.engine.engine_loop import Sink
 from radixkv.engine.outputs import RequestOutput
 from radixkv.errors import InvalidRequestError
@@ -69,6 +70,22 @@ class LLM(Frontend):
                     for p, sp in zip(batch, params, strict=True)]
         return self._run(prepared, namespace, use_tqdm)
 
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams,
+                    namespace: Any = None, use_tqdm: bool | None = None
+                    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt (a string or token ids); one `BeamSearchOutput` per
+        prompt, in order, each with `params.beam_width` sequences, best first.
+
+        The beams run inside the engine as forks sharing their prefix KV, batched with every
+        other request (see `radixkv.engine.beam_search` for the rules, which follow
+        transformers' `generate(num_beams=W, early_stopping=True)`). Every prompt is validated
+        before any is queued (`InvalidRequestError`)."""
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequestError(f"beam_search takes BeamSearchParams, got {params!r}")
+        batch = _as_prompt_list(prompts)
+        prepared = [self._prepare(p, None, params, namespace) for p in batch]
+        return self._run(prepared, namespace, use_tqdm)
+
     def chat(self, messages_or_conversations: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              namespace: Any = None, use_tqdm: bool | None = None) -> list[RequestOutput]:
@@ -122,8 +139,8 @@ class LLM(Frontend):
         return self.loop.abort(request_id).result()
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _run(self, prepared: list[tuple[np.ndarray, str | None, SamplingParams]],
-             namespace: Any, use_tqdm: bool | None) -> list[RequestOutput]:
+    def _run(self, prepared: list[tuple[np.ndarray, str | None, Any]],
+             namespace: Any, use_tqdm: bool | None) -> list[Any]:
         q: queue.SimpleQueue = queue.SimpleQueue()
         rids = [self._new_id() for _ in prepared]
         results: dict[str, tuple[RequestOutput, BaseException | None]] = {}
