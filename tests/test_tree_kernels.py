@@ -146,7 +146,8 @@ def _step(pool: TokenToKVPool, cache: RadixCache, held: list[int], op: str, pick
         return outcome(lambda: pool.free(bad[pick % len(bad)]))
     if op == "bad_insert":
         m = cache.match_prefix(toks, record=False)
-        bad = (held[:1] or [0]) * len(toks) if pick % 2 else [0] * len(toks)
+        # a repeated slot of the caller's (needs two positions), or the reserved slot 0
+        bad = held[:1] * len(toks) if pick % 2 and held and len(toks) > 1 else [0] * len(toks)
         return m.length, outcome(lambda: cache.insert(toks, as_kind(bad, "list")))
     if op == "evict":
         return cache.evict(pick % 12)

@@ -18,21 +18,25 @@ Costs: matching and inserting compare whole node keys as bytes (memcmp) and find
 one scan (compiled, or vectorised numpy); there is no per-token Python loop. A match descends and
 touches the path in one pass; an insert descends without changing anything, has the pool check
 and adopt the new slots in one call, then changes the tree. Eviction pops from a sorted index of
-evictable leaves kept up to date incrementally, O(log n) per evicted node: a binary heap whose
-entries go stale instead of being removed (a node's `evict_key` is its one live entry), compacted
-once stale entries outnumber live ones.
+evictable leaves kept up to date incrementally, in two parts. Under LRU a leaf that is used gets
+the newest time, so it goes to the end of a recency list (an OrderedDict: O(1) to move, remove or
+pop the oldest). A leaf that becomes evictable with an older time (unlocked, or a parent whose
+last child went) and every LFU leaf go to a sorted index (O(log n) to add, remove or pop, its key
+the node's `evict_key`). Eviction takes the older of the two heads: O(log n) per evicted node in
+the worst case, O(1) for the common LRU case.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from heapq import heapify, heappop, heappush
 from itertools import count
 from typing import Any
 
 import numpy as np
 import torch
 import xxhash
+from sortedcontainers import SortedDict
 
 from radixkv.errors import InvalidSlotError, InvariantError, LockError
 from radixkv.memory import native
@@ -50,6 +54,7 @@ from radixkv.memory.kv_pool import TokenToKVPool, as_slot_array
 from radixkv.memory.tree_text import format_tree
 
 _TOK = 4  # bytes per token in keys (int32)
+_RECENT = "recent"  # TreeNode.evict_key of a leaf in the recency list (LRU, newest time)
 _I32 = np.dtype(np.int32)
 _EMPTY_SLOTS = np.empty(0, dtype=np.int64)
 
@@ -70,7 +75,9 @@ class TreeNode(CacheNode):
         self.lock_ref = 0
         self.last_access = 0
         self.hit_count = 0
-        self.evict_key: Any = None  # its entry in the evictable-leaf heap, None when not in it
+        # Its key in the sorted evictable-leaf index, _RECENT when in the recency list, None
+        # when it is not evictable.
+        self.evict_key: Any = None
         self.namespace = namespace
 
     @property
@@ -119,8 +126,10 @@ class RadixCache(PrefixCache):
         self._page_bytes = page_size * _TOK
         self._roots: dict[Namespace, TreeNode] = {}
         self._null_root = TreeNode(b"", _EMPTY_SLOTS, None, None, None)  # handle for misses
-        # Evictable-leaf heap: entries (order key..., seq, node); live iff node.evict_key is it.
-        self._heap: list[tuple[Any, ...]] = []
+        # Evictable leaves: (order key..., seq) -> node, for those not in the recency list.
+        self._sorted = SortedDict()
+        self._recent: OrderedDict[TreeNode, None] = OrderedDict()  # LRU leaves, oldest first
+        self._recent_last = 0  # last_access of the newest leaf in _recent
         self._n_leaves = 0
         self._seq = count()
         self._tick = 0
@@ -237,8 +246,7 @@ class RadixCache(PrefixCache):
             ck = leaf_key[:_TOK] if self.page_size == 1 else self._free_child_key(node, leaf_key)
             leaf = TreeNode(leaf_key, adopted, node, ck, node.namespace)
             if node.evict_key is not None:  # node stops being a leaf
-                node.evict_key = None
-                self._n_leaves -= 1
+                self._unindex(node)
             node.children[ck] = leaf
             self._node_count += 1
             self._evictable += n - pos
@@ -259,8 +267,7 @@ class RadixCache(PrefixCache):
                 self._evictable -= size
                 self._protected += size
                 if node.evict_key is not None:
-                    node.evict_key = None  # its heap entry goes stale
-                    self._n_leaves -= 1
+                    self._unindex(node)
             node.lock_ref += 1
             node = node.parent
 
@@ -288,12 +295,13 @@ class RadixCache(PrefixCache):
         """
         freed = nodes = 0
         released: list[np.ndarray] = []
-        heap = self._heap
+        ordered, recent = self._sorted, self._recent
         while freed < num_tokens and self._n_leaves:
-            entry = heappop(heap)
-            node = entry[-1]
-            if node.evict_key is not entry:
-                continue  # stale: the node was touched, locked or evicted since
+            if recent and (not ordered or next(iter(recent)).last_access
+                           <= ordered.peekitem(0)[0][0]):
+                node = recent.popitem(last=False)[0]
+            else:
+                node = ordered.popitem(0)[1]
             node.evict_key = None
             self._n_leaves -= 1
             if self.evict_hook is not None:
@@ -362,8 +370,9 @@ class RadixCache(PrefixCache):
         for node, _ in self.walk():
             node.key = None
         self._roots.clear()
-        self._heap.clear()
-        self._n_leaves = 0
+        self._sorted.clear()
+        self._recent.clear()
+        self._recent_last = self._n_leaves = 0
         self._tick = self._evictable = self._protected = self._node_count = 0
         self._query = self._hit = self._evicted = self._inserted = 0
 
@@ -397,7 +406,9 @@ class RadixCache(PrefixCache):
         evictable = protected = nodes = 0
         leaves: set[int] = set()
         values = []
-        live = {id(e) for e in self._heap if e[-1].evict_key is e}
+        times = [n.last_access for n in self._recent]
+        if times != sorted(times) or (times and times[-1] > self._recent_last):
+            fail("the recency list is out of order")
         for ns, root in self._roots.items():
             if root.parent is not None or root.namespace != ns or len(root.value):
                 fail(f"root of namespace {ns!r} is malformed")
@@ -429,13 +440,16 @@ class RadixCache(PrefixCache):
             is_leaf = node.lock_ref == 0 and not node.children
             entry = node.evict_key
             if is_leaf != (entry is not None) or (is_leaf and (
-                    id(entry) not in live or entry[:-2] != self._order_key(node))):
+                    node not in self._recent if entry is _RECENT else (
+                        self._sorted.get(entry) is not node
+                        or entry[:-1] != self._order_key(node)))):
                 fail("evictable-leaf index is out of date")
             if is_leaf:
                 leaves.add(id(node))
             values.append(node.value)
-        if not len(leaves) == len(live) == self._n_leaves:
-            fail(f"evictable-leaf index holds {len(live)} nodes (counter {self._n_leaves}), "
+        if not len(leaves) == len(self._sorted) + len(self._recent) == self._n_leaves:
+            fail(f"evictable-leaf index holds {len(self._sorted) + len(self._recent)} nodes ("
+                 f"{self._n_leaves}), "
                  f"tree has {len(leaves)}")
         if (evictable, protected) != (self._evictable, self._protected):
             fail(f"counters say evictable={self._evictable} protected={self._protected}, "
@@ -485,20 +499,40 @@ class RadixCache(PrefixCache):
     def _order_key(self, node: TreeNode) -> tuple[int, ...]:
         return (node.last_access,) if self._lru else (node.hit_count, node.last_access)
 
-    def _index_leaf(self, node: TreeNode) -> None:
-        """(Re)enter an evictable leaf in the heap under its current order key."""
-        if self._lru:
-            entry: tuple[Any, ...] = (node.last_access, next(self._seq), node)
+    def _unindex(self, node: TreeNode) -> None:
+        """Take an indexed leaf out of the evictable-leaf index (it got locked or a child)."""
+        if node.evict_key is _RECENT:
+            del self._recent[node]
         else:
-            entry = (node.hit_count, node.last_access, next(self._seq), node)
+            del self._sorted[node.evict_key]
+        node.evict_key = None
+        self._n_leaves -= 1
+
+    def _index_leaf(self, node: TreeNode) -> None:
+        """(Re)enter an evictable leaf under its current order key."""
+        if self._lru:
+            if not self._recent or node.last_access >= self._recent_last:  # newest: at the end
+                if node.evict_key is _RECENT:
+                    self._recent.move_to_end(node)
+                else:
+                    if node.evict_key is None:
+                        self._n_leaves += 1
+                    else:
+                        del self._sorted[node.evict_key]
+                    node.evict_key = _RECENT
+                    self._recent[node] = None
+                self._recent_last = node.last_access
+                return
+            key: tuple[Any, ...] = (node.last_access, next(self._seq))
+        else:
+            key = (node.hit_count, node.last_access, next(self._seq))
         if node.evict_key is None:
             self._n_leaves += 1
-        node.evict_key = entry  # an older entry of this node goes stale
-        heap = self._heap
-        heappush(heap, entry)
-        if len(heap) > 2 * self._n_leaves + 64:  # mostly stale: rebuild from the live ones
-            heap[:] = [e for e in heap if e[-1].evict_key is e]
-            heapify(heap)
+        else:
+            self._unindex(node)
+            self._n_leaves += 1
+        node.evict_key = key
+        self._sorted[key] = node
 
     def _mismatch(self, a: bytes, b: bytes) -> int:
         """Number of leading tokens on which two keys agree."""
