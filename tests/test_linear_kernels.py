@@ -125,17 +125,17 @@ def test_default_model_fast_equals_plain_fp32(default_lm: Any) -> None:  # noqa:
     torch.testing.assert_close(got_logits, ref_logits, atol=1e-3, rtol=0)
 
 
-def teacher_forced(model: Any, config: Any, ids: list[int], tokens: list[int],
-                   dtype: torch.dtype) -> torch.Tensor:
-    """Logits [len(tokens), vocab] of prefilling `ids`, then decoding `tokens[:-1]` one step
-    at a time (batch 1: the decode products are the fast path's)."""
+def teacher_forced(model: Any, config: Any, prompts: list[list[int]],
+                   tokens: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+    """Logits [steps, B, vocab] of prefilling `prompts`, then decoding each request's
+    `tokens[b][:-1]` one batched step at a time (B >= 2 rows: the fast path's products)."""
     runner = PagedRunner(model, config, dtype=dtype)
-    logits, new = runner.forward([ids], logits="last")
-    slots, out = new[0], [logits[0]]
-    for t in tokens[:-1]:
-        logits, new = runner.forward([[t]], cached=[slots], logits="last")
-        slots = torch.cat([slots, new[0]])
-        out.append(logits[0])
+    logits, slots = runner.forward(prompts, logits="last")
+    out = [logits]
+    for step in range(len(tokens[0]) - 1):
+        logits, new = runner.forward([[t[step]] for t in tokens], cached=slots, logits="last")
+        slots = [torch.cat([s, n]) for s, n in zip(slots, new, strict=True)]
+        out.append(logits)
     return torch.stack(out)
 
 
@@ -148,14 +148,15 @@ def test_default_model_fast_equals_plain_bf16() -> None:
     greedy tokens, so one near-tie cannot make the sequences diverge."""
     lm = load_model(None, dtype="bfloat16")
     assert lm.model.layers[0].mlp.down_proj.fast_max_rows > 0
-    ids = lm.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
+    prompts = [lm.apply_chat_template([{"role": "user", "content": q}])
+               for q in ("Name three rivers.", "What is a harbour?")]
     model = lm.model
     model.configure_cpu_kernels(fast=False)
-    tokens = PagedRunner(model, lm.config, dtype=torch.bfloat16).greedy([ids], 8)[0][0]
-    ref = teacher_forced(model, lm.config, ids, tokens, torch.bfloat16)
+    tokens = PagedRunner(model, lm.config, dtype=torch.bfloat16).greedy(prompts, 8)[0]
+    ref = teacher_forced(model, lm.config, prompts, tokens, torch.bfloat16)
     model.configure_cpu_kernels(fast=True)
-    got = teacher_forced(model, lm.config, ids, tokens, torch.bfloat16)
-    assert ref.argmax(-1).tolist() == tokens
+    got = teacher_forced(model, lm.config, prompts, tokens, torch.bfloat16)
+    assert ref.argmax(-1).T.tolist() == tokens
     scale = ref.abs().amax()
     assert (got - ref).abs().max() <= 0.05 * scale
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75

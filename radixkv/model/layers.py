@@ -32,15 +32,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            upcast_min_rows: int = 0, fast_max_rows: int = 0) -> torch.Tensor:
     """x [M, in] @ weight[out, in].T (+ bias) -> [M, out] in x's dtype.
 
-    With at most `fast_max_rows` rows (> 0 only for CPU operands that
-    `linear_kernels.supports`), the product runs on the skinny CPU kernel
-    (`radixkv.model.linear_kernels`), which reads each weight row once for all rows.
+    With 2 to `fast_max_rows` rows (> 0 only for CPU operands that `linear_kernels.supports`),
+    the product runs on the skinny CPU kernel (`radixkv.model.linear_kernels`), which reads
+    each weight row once for all rows. One row stays on torch: its GEMV is as fast.
     Else, with `upcast_min_rows` > 0 and at least that many rows, the product runs in float32
     on upcast copies and is rounded back: the same numbers as a half GEMM with float32
     accumulation, but fast on CPUs without native half GEMMs. Otherwise `F.linear` (the
     reference path).
     """
-    if x.shape[0] <= fast_max_rows:
+    if 1 < x.shape[0] <= fast_max_rows:
         return linear_kernels.linear(x, weight, bias)
     if upcast_min_rows and x.shape[0] >= upcast_min_rows:
         b = None if bias is None else bias.float()
@@ -57,7 +57,7 @@ class Linear(nn.Linear):
     fast_max_rows: int = 0  # 0: never
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
-        if x.shape[0] <= self.fast_max_rows:  # checked first: the decode hot path
+        if 1 < x.shape[0] <= self.fast_max_rows:  # checked first: the decode hot path
             return linear_kernels.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias, self.upcast_min_rows)
 

@@ -146,13 +146,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def choose_max_rows(dtype: torch.dtype, native_half: bool) -> int:
-    """The largest row count `Linear` sends to this kernel for weights of `dtype` (0: never).
+    """The largest row count `Linear` sends to this kernel for weights of `dtype` (0: never;
+    a single row always stays on torch).
 
     Measured on a 2-core AVX2 Zen 3 (one thread, thread CPU time, 30 layers of SmolLM2-135M
-    shapes): float32 ties torch at 1 row and is 1.4-1.9x faster at 2-16, torch's GEMM wins
-    from ~32; bfloat16 (no native bf16) ties torch's bf16 GEMV at 1 row and beats both its
-    bf16 GEMM and the float32 upcast up to 32 rows. On CPUs with native half GEMMs (AVX512-BF16,
-    AMX) oneDNN is left to do the work.
+    shapes, under load): at 1 row torch's GEMV is 2-10% faster in float32 and bfloat16 (both
+    read the weights near the memory bandwidth); at 2-16 rows this kernel is 1.4-1.9x faster
+    in float32, and torch's GEMM wins from ~32; in bfloat16 (no native bf16) it beats both
+    torch's bf16 GEMM (1.3-2.5x) and the float32 upcast up to 32 rows. On CPUs with native
+    half GEMMs (AVX512-BF16, AMX) oneDNN is left to do the work.
     """
     if dtype not in _X_CODE or not available():
         return 0  # (float16 activations are not handled: torch's path)
