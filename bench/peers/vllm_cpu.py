@@ -72,6 +72,10 @@ def setup_venv() -> str:
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise PeerUnavailable(f"`{' '.join(cmd)}` failed:\n{res.stderr[-3000:]}")
+    # pip pulls a torchvision built for another torch ("operator torchvision::nms does not
+    # exist" when transformers imports it); vLLM runs text models without it.
+    subprocess.run([str(d / "bin" / "pip"), "uninstall", "-y", "-q", "torchvision",
+                    "torchaudio", "torchcodec"], capture_output=True, text=True)
     return find_python()
 
 
