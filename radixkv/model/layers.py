@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixkv.model import linear_kernels
 from radixkv.model.config import ModelConfig, rope_inv_freq
 
 
@@ -28,14 +29,19 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           upcast_min_rows: int = 0) -> torch.Tensor:
+           upcast_min_rows: int = 0, fast_max_rows: int = 0) -> torch.Tensor:
     """x [M, in] @ weight[out, in].T (+ bias) -> [M, out] in x's dtype.
 
-    With `upcast_min_rows` > 0 and at least that many rows, the product runs in float32 on
-    upcast copies and is rounded back: the same numbers as a half GEMM with float32
-    accumulation, but fast on CPUs without native half GEMMs. Below it (decode-sized M) the
-    native half kernel wins, as it reads half the weight bytes and skips the conversion.
+    With 2 to `fast_max_rows` rows (> 0 only for CPU operands that `linear_kernels.supports`),
+    the product runs on the skinny CPU kernel (`radixkv.model.linear_kernels`), which reads
+    each weight row once for all rows. One row stays on torch: its GEMV is as fast.
+    Else, with `upcast_min_rows` > 0 and at least that many rows, the product runs in float32
+    on upcast copies and is rounded back: the same numbers as a half GEMM with float32
+    accumulation, but fast on CPUs without native half GEMMs. Otherwise `F.linear` (the
+    reference path).
     """
+    if 1 < x.shape[0] <= fast_max_rows:
+        return linear_kernels.linear(x, weight, bias)
     if upcast_min_rows and x.shape[0] >= upcast_min_rows:
         b = None if bias is None else bias.float()
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
@@ -43,11 +49,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose half-precision product may run in float32 (see `linear`)."""
+    """nn.Linear whose few-row products may run on the skinny CPU kernel and whose
+    half-precision products may run in float32 (see `linear`). Both limits are set per model
+    at load time by `LlamaForCausalLM.configure_cpu_kernels`; 0 / 0 is plain `F.linear`."""
 
-    upcast_min_rows: int = 0  # 0: never; set per model by `configure_half_matmul`
+    upcast_min_rows: int = 0  # 0: never
+    fast_max_rows: int = 0  # 0: never
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
+        if 1 < x.shape[0] <= self.fast_max_rows:  # checked first: the decode hot path
+            return linear_kernels.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias, self.upcast_min_rows)
 
 

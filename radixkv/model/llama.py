@@ -15,6 +15,7 @@ from torch import nn
 
 import radixkv.attention as attention
 from radixkv.errors import ModelLoadError
+from radixkv.model import linear_kernels
 from radixkv.model.config import ModelConfig
 from radixkv.model.context import ForwardContext, get_forward_context
 from radixkv.model.layers import (
@@ -110,20 +111,36 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
         self.rotary = RotaryEmbedding(config)
-        self.lm_head_upcast_rows = 0  # see configure_half_matmul
+        self.lm_head_upcast_rows = 0  # see configure_cpu_kernels
+        self.lm_head_fast_rows = 0
 
-    def configure_half_matmul(self) -> None:
-        """On a CPU without native half GEMMs, run bf16 / fp16 products of several rows in
-        float32 (measured on AVX2: bf16 GEMM ~8x slower than fp32 at 512 rows). The layer
-        weights are upcast from 4 rows on; the vocab-sized LM head only from 64, as converting
-        it costs as much as ~30 rows of native product."""
+    def configure_cpu_kernels(self, fast: bool = True) -> None:
+        """Pick the CPU product paths for this model's dtype and this CPU (called at load).
+
+        - Few-row products (decode) on the skinny kernel of `linear_kernels`, up to
+          `choose_max_rows` rows, when it builds here and `fast` (False: the plain reference
+          paths only, as tests compare against).
+        - On a CPU without native half GEMMs, bf16 / fp16 products of more rows in float32
+          (measured on AVX2: bf16 GEMM ~8x slower than fp32 at 512 rows). The layer weights
+          are upcast from 4 rows on; the vocab-sized LM head only from 64, as converting it
+          costs as much as ~30 rows of native product.
+        """
         p = self.embed_tokens.weight
-        upcast = (p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
-                  and not native_half_matmul(p.dtype))
+        half = p.dtype in (torch.bfloat16, torch.float16)
+        native = native_half_matmul(p.dtype) if half else True
+        upcast = p.device.type == "cpu" and half and not native
+        fast_rows = (linear_kernels.choose_max_rows(p.dtype, native)
+                     if fast and p.device.type == "cpu" else 0)
         for m in self.modules():
             if isinstance(m, Linear):
                 m.upcast_min_rows = 4 if upcast else 0
+                m.fast_max_rows = fast_rows
         self.lm_head_upcast_rows = 64 if upcast else 0
+        self.lm_head_fast_rows = fast_rows
+
+    def configure_half_matmul(self) -> None:
+        """Former name of `configure_cpu_kernels` (kept for callers)."""
+        self.configure_cpu_kernels()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
@@ -137,7 +154,8 @@ class LlamaForCausalLM(nn.Module):
         # RMSNorm is per row, so only the rows whose logits are wanted are normalised and scored.
         x = self.norm(x[ctx.logits_indices])  # [M, H]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(x, weight, None, self.lm_head_upcast_rows).float()  # [M, vocab]
+        return linear(x, weight, None, self.lm_head_upcast_rows,
+                      self.lm_head_fast_rows).float()  # [M, vocab]
 
 
 def build_model(config: ModelConfig, get: TensorGetter, dtype: torch.dtype,
@@ -198,5 +216,5 @@ def build_model(config: ModelConfig, get: TensorGetter, dtype: torch.dtype,
                 for f in futures.values():
                     f.cancel()
     model.load_state_dict(state, strict=True, assign=True)
-    model.configure_half_matmul()
+    model.configure_cpu_kernels()
     return model.eval()

@@ -1,0 +1,162 @@
+"""The skinny CPU linear kernel (radixkv.model.linear_kernels) against a float64 product and
+torch's F.linear, and a model on its fast paths against the same model on the plain ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixkv.model import linear_kernels, load_model
+from tests.model_fixtures import (  # noqa: F401  (fixtures)
+    PagedRunner,
+    default_lm,
+    make_tiny_hf,
+    needs_default_model,
+)
+
+needs_kernels = pytest.mark.skipif(not linear_kernels.available(),
+                                   reason="no C++ compiler: the linear kernels cannot build")
+
+
+def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 8), (1, 7, 13), (2, 13, 64), (3, 960, 576),
+                                           (5, 9, 100), (16, 40, 1536), (33, 6, 24), (0, 4, 8)])
+def test_float32_matches_float64(m: int, n: int, k: int, threads: int) -> None:
+    """Every tail (rows of x, rows of w, K not a multiple of the vector width), with and without
+    bias, on one and two threads: float32 accumulation error only."""
+    torch.manual_seed(m * 1000 + n + k)
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for bias in (None, b):
+            got = linear_kernels.linear(x, w, bias)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            ref = exact(x, w, bias)
+            tol = 1e-5 * (x.double().abs() @ w.double().abs().T + 1)  # |sum| bound
+            assert ((got.double() - ref).abs() <= tol).all()
+            torch.testing.assert_close(got, F.linear(x, w, bias), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_strided_rows() -> None:
+    """x with a row stride wider than K (the MLP's silu(gate) * up is such a view)."""
+    torch.manual_seed(1)
+    wide = torch.randn(4, 96)
+    x, w = wide[:, :40], torch.randn(17, 40)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(linear_kernels.linear(x, w), F.linear(x, w), atol=1e-4,
+                               rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+def test_half_storage(xdtype: torch.dtype, wdtype: torch.dtype) -> None:
+    """Half weights widened in registers: the exact product of the stored values, accumulated
+    in float32 and rounded once to x's dtype."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 72).to(xdtype)
+    w, b = torch.randn(11, 72).to(wdtype), torch.randn(11).to(xdtype)
+    got = linear_kernels.linear(x, w, b)
+    assert got.dtype == xdtype
+    ref = exact(x, w, b)
+    step = 2.0 ** -7 if xdtype == torch.bfloat16 else 1e-6  # one rounding of the output
+    bound = ref.abs() * step + 1e-4 * (x.double().abs() @ w.double().abs().T + 1)
+    assert ((got.double() - ref).abs() <= bound).all()
+
+
+def test_choose_max_rows_policy() -> None:
+    """float16 activations and native-half CPUs stay on torch; the limits are small batches."""
+    assert linear_kernels.choose_max_rows(torch.float16, native_half=False) == 0
+    assert linear_kernels.choose_max_rows(torch.bfloat16, native_half=True) == 0
+    if linear_kernels.available():
+        assert 1 <= linear_kernels.choose_max_rows(torch.float32, native_half=True) <= 64
+        assert 1 <= linear_kernels.choose_max_rows(torch.bfloat16, native_half=False) <= 64
+
+
+def fast_vs_plain(model: Any, config: Any, prompts: list[list[int]], steps: int,
+                  dtype: torch.dtype) -> tuple[list[list[int]], torch.Tensor,
+                                               list[list[int]], torch.Tensor]:
+    """Greedy decode on the model's fast paths, then on the plain ones (same slots order)."""
+    model.configure_cpu_kernels(fast=True)
+    try:
+        fast = PagedRunner(model, config, dtype=dtype).greedy(prompts, steps)
+        model.configure_cpu_kernels(fast=False)
+        plain = PagedRunner(model, config, dtype=dtype).greedy(prompts, steps)
+    finally:
+        model.configure_cpu_kernels(fast=True)
+    return fast[0], fast[1], plain[0], plain[1]
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v bias through the kernel
+def test_tiny_model_fast_equals_plain(tmp_path: Path, arch: str) -> None:
+    make_tiny_hf(tmp_path, arch)
+    lm = load_model(str(tmp_path))
+    assert lm.model.layers[0].mlp.down_proj.fast_max_rows > 0  # the fast path is in use
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
+    got, got_logits, ref, ref_logits = fast_vs_plain(lm.model, lm.config, prompts, 6,
+                                                     torch.float32)
+    assert got == ref
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.slow
+@needs_kernels
+@needs_default_model
+def test_default_model_fast_equals_plain_fp32(default_lm: Any) -> None:  # noqa: F811
+    ids = default_lm.apply_chat_template([{"role": "user", "content": "Name three rivers."}])
+    got, got_logits, ref, ref_logits = fast_vs_plain(
+        default_lm.model, default_lm.config, [ids, ids[:9]], 8, torch.float32)
+    assert got == ref
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-3, rtol=0)
+
+
+def teacher_forced(model: Any, config: Any, prompts: list[list[int]],
+                   tokens: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+    """Logits [steps, B, vocab] of prefilling `prompts`, then decoding each request's
+    `tokens[b][:-1]` one batched step at a time (B >= 2 rows: the fast path's products)."""
+    runner = PagedRunner(model, config, dtype=dtype)
+    logits, slots = runner.forward(prompts, logits="last")
+    out = [logits]
+    for step in range(len(tokens[0]) - 1):
+        logits, new = runner.forward([[t[step]] for t in tokens], cached=slots, logits="last")
+        slots = [torch.cat([s, n]) for s, n in zip(slots, new, strict=True)]
+        out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.mark.slow
+@needs_kernels
+@needs_default_model
+def test_default_model_fast_equals_plain_bf16() -> None:
+    """bf16: the kernel keeps float32 sums where torch's bf16 path may round differently, so
+    the decode logits agree to bf16 accuracy. Both runs are teacher-forced on the plain path's
+    greedy tokens, so one near-tie cannot make the sequences diverge."""
+    lm = load_model(None, dtype="bfloat16")
+    assert lm.model.layers[0].mlp.down_proj.fast_max_rows > 0
+    prompts = [lm.apply_chat_template([{"role": "user", "content": q}])
+               for q in ("Name three rivers.", "What is a harbour?")]
+    model = lm.model
+    model.configure_cpu_kernels(fast=False)
+    tokens = PagedRunner(model, lm.config, dtype=torch.bfloat16).greedy(prompts, 8)[0]
+    ref = teacher_forced(model, lm.config, prompts, tokens, torch.bfloat16)
+    model.configure_cpu_kernels(fast=True)
+    got = teacher_forced(model, lm.config, prompts, tokens, torch.bfloat16)
+    assert ref.argmax(-1).T.tolist() == tokens
+    scale = ref.abs().amax()
+    assert (got - ref).abs().max() <= 0.05 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
