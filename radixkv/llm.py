@@ -48,13 +48,19 @@ class LLM:
         enable_prefix_cache: False swaps the radix tree for `NaiveCache` (A/B baseline).
         schedule_policy: "lpm" (longest prefix match first), "fcfs" or "dfs-weight".
         chunked_prefill_size: most prompt tokens computed in one step.
+        quantization: None (float weights), "gguf" (a GGUF's Q4_0 / Q4_1 / Q8_0 weights run
+            packed at their stored precision), "int4" / "int8" (quantized group-wise at load).
     """
 
     def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "float32",
                  device: str = "cpu", max_total_tokens: int | None = None,
                  max_running_requests: int = 64, page_size: int = 1,
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",
-                 chunked_prefill_size: int = 512, seed: int = 0) -> None:
+                 chunked_prefill_size: int = 512, seed: int = 0,
+                 quantization: str | None = None) -> None:
+        from radixkv.model import LoadedModel, load_model, validate_quantization
+
+        validate_quantization(quantization)
         check_policy(schedule_policy)
         for name, value in (("max_running_requests", max_running_requests),
                             ("page_size", page_size),
@@ -65,12 +71,10 @@ class LLM:
                                              or max_total_tokens < 1):
             raise InvalidRequestError(f"max_total_tokens must be a positive int or None, "
                                       f"got {max_total_tokens!r}")
-        from radixkv.model import LoadedModel, load_model
-
         # An already loaded model may be shared, e.g. by a cache-on and a cache-off LLM in an
         # A/B run; each LLM still has its own pools and tree.
-        self.lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype,
-                                                                          device=device)
+        self.lm = model if isinstance(model, LoadedModel) else load_model(
+            model, dtype=dtype, device=device, quantization=quantization)
         self.tokenizer = self.lm.tokenizer
         if max_total_tokens is None:
             max_total_tokens = self._auto_pool_size()
