@@ -31,19 +31,25 @@ from radixkv.model import quant_kernels
 GROUP = 32
 QUANTIZATION_MODES = ("int4", "int8", "gguf")
 
-# Kernel choice by the number of rows M of x (tokens in the forward), measured on this repo's
-# 2-core AMD EPYC (Zen 3, AVX2 + FMA + F16C, no AVX-512) with bench/quant_kernels.py, one thread
-# (the machine was shared, so 1-thread ratios were the stable ones), SmolLM2-135M shapes, ms:
+# Kernel choice by the number of rows M of x (tokens in the forward). Measured with
+# `bench/quant_kernels.py --threads 1` on this repo's 2-core AMD EPYC (Zen 3: AVX2 + FMA + F16C,
+# no AVX-512), shared with other jobs (load average ~21, so 1-thread best-of-9 figures are the
+# stable ones), int4 weights, ms per product:
 #
-#   [3072, 576] int4   M=1    2     4     8     16    32    64    128   512
-#   packed GEMV         0.24  0.35  0.45  0.74  1.9   3.3   ...
-#   fp32 F.linear       0.36  0.77  2.3   2.5   3.4   13.6  ...
-#   widen + F.linear    0.92  1.8   1.9   12    12    17    ...
+#   shape     path              M=1    8      16     32     64
+#   960x576   packed GEMV       0.103  0.408  0.753  1.471  2.797
+#             widen tiles+GEMM  0.184  0.736  1.076  1.766  2.191
+#             fp32 F.linear     0.078  0.498  0.718  1.224  2.093   (weight cache-resident)
+#   3072x576  packed GEMV       0.347  0.846  1.822
+#             widen tiles+GEMM  0.809  (noise) 2.653
+#             fp32 F.linear     0.876  2.642  (noise)
 #
-# The packed kernel widens each group of 32 weights once per 8 rows of x, so its cost grows with
-# M at about the rate of a plain float32 GEMM's FMAs plus the widening; torch's fp32 GEMM (MKL /
-# oneDNN, register-blocked and prepacked) is faster once M is large, where the widened tile is
-# reused by many rows and widening it costs a small fraction of the product.
+# The packed kernel widens each group of 32 weights once per 8 rows of x, so its cost grows
+# with M at about a float32 GEMM's FMA rate plus the widening; torch's fp32 GEMM (MKL / oneDNN,
+# register-blocked) overtakes it between M = 32 and 64, where a widened tile is reused by enough
+# rows that widening it is a small share of the product. (In a whole model the float32 weights
+# stream from DRAM, 4.6x the bytes of int4, so the packed kernel's lead at small M is larger
+# than in this cache-resident micro-benchmark.)
 GEMV_MAX_ROWS = 64
 # Widened tiles of at most this many floats (4 MiB): large enough for the GEMM to run at speed,
 # small enough that no float32 copy of a whole weight ever exists.
@@ -245,6 +251,18 @@ class QuantLinear(nn.Module):
             self._rows.append(s.shape[0])
         self.register_buffer("bias", None if bias is None else bias.float().contiguous(),
                              persistent=False)
+        self._segs: list[Segment] | None = None  # segment views, rebuilt after .to() / _apply
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        out = super()._apply(fn, recurse)
+        self._segs = None
+        return out
+
+    def segments(self) -> list[Segment]:
+        """The row segments in order (QuantTensor or float32 tensor), views of the buffers."""
+        if self._segs is None:
+            self._segs = [self.segment(i) for i in range(len(self.formats))]
+        return self._segs
 
     def segment(self, i: int) -> Segment:
         if self.formats[i] == "float32":
@@ -255,35 +273,36 @@ class QuantLinear(nn.Module):
     def kernel_for(self, m: int, device: torch.device | None = None) -> str:
         """Which path a product with `m` rows takes: "packed-gemv", "widen-tile+gemm" or
         "reference" (no compiled kernels, or not on the CPU)."""
-        dev = device if device is not None else self.bias_or_any().device
+        dev = device if device is not None else next(iter(self.buffers())).device
         if dev.type != "cpu" or not quant_kernels.available():
             return "reference"
         return "packed-gemv" if m < self.gemv_max_rows else "widen-tile+gemm"
 
-    def bias_or_any(self) -> torch.Tensor:
-        return next(iter(self.buffers()))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
-        kernel = self.kernel_for(x.shape[0], x.device)
-        x32 = x.float()
+        m = x.shape[0]
+        x32 = x if x.dtype == torch.float32 else x.float()
         if x32.stride(-1) != 1:
             x32 = x32.contiguous()
-        m = x32.shape[0]
-        if kernel == "reference":
-            w = torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize()
-                           for s in map(self.segment, range(len(self.formats)))])
+        segs = self.segments()
+        if x.device.type != "cpu" or not quant_kernels.available():
+            w = torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize() for s in segs])
             return F.linear(x32, w, self.bias).to(x.dtype)
-        out = torch.empty(m, self.out_features, dtype=torch.float32, device=x.device)
+        out = torch.empty(m, self.out_features, dtype=torch.float32)
+        gemv = m < self.gemv_max_rows
+        if gemv and len(segs) == 1 and isinstance(segs[0], QuantTensor):  # the decode case
+            seg = segs[0]
+            if m:
+                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, self.bias, out)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         if m == 0:
             return out.to(x.dtype)
         off = 0
-        for i, rows in enumerate(self._rows):
-            seg = self.segment(i)
+        for seg, rows in zip(segs, self._rows, strict=True):
             dst = out[:, off:off + rows]
             bias = None if self.bias is None else self.bias[off:off + rows]
             if isinstance(seg, torch.Tensor):
                 dst.copy_(F.linear(x32, seg, bias))
-            elif kernel == "packed-gemv":
+            elif gemv:
                 quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst)
             else:
                 self._tiled(x32, seg, bias, dst)
