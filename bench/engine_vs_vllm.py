@@ -97,7 +97,7 @@ def radixkv_pass(llm: LLM, shared: list[list[int]], prefill: list[int], n: int
         start = time.perf_counter()
         outs = llm.generate(prompts, params)
         wall = time.perf_counter() - start
-        return wall, sum(len(o["token_ids"]) for o in outs), timer.inside - inside0
+        return wall, sum(len(o.outputs[0].token_ids) for o in outs), timer.inside - inside0
 
     gen(shared[:2])  # warm-up
     llm.engine.cache.reset()
@@ -217,7 +217,7 @@ def vs_vllm(args: argparse.Namespace) -> None:
               + ", ".join(shares) + " (target <= 5%)")
     if vllm_res:
         ours = llms["float32"].generate([shared[0]], SamplingParams(
-            temperature=0.0, max_tokens=n, ignore_eos=True))[0]["token_ids"]
+            temperature=0.0, max_tokens=n, ignore_eos=True))[0].outputs[0].token_ids
         same = ours == vllm_res["first_tokens"]
         print(f"first request's greedy tokens equal to vLLM's: {same}")
     else:

@@ -231,6 +231,9 @@ def _add_serve(sub: Subparsers) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
                    help="KV storage: auto (the model dtype), int8 or fp8_e4m3 with a scale per "
                         "token and KV head")
+    g.add_argument("--quantization", default=None, choices=("gguf", "int4", "int8"),
+                   help="weights at low precision: gguf (a GGUF's packed Q4/Q8 as stored), int4 "
+                        "or int8 (quantized at load); default: float weights")
     p.set_defaults(func=_run_serve)
 
 
@@ -259,7 +262,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                    schedule_policy=args.schedule_policy,
                    chunked_prefill_size=args.chunked_prefill_size, seed=args.seed,
                    kv_store=args.kv_store, kv_store_write_through=args.kv_store_write_through,
-                   kv_cache_dtype=args.kv_cache_dtype)
+                   kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+    print(f"radixkv serve: kernels {llm.lm.kernel_info()}", flush=True)
     config = ServerConfig(served_model_name=args.served_model_name, api_key=args.api_key,
                           max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
     return run_server(llm, config, args.host, args.port, args.max_running_requests,

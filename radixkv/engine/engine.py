@@ -101,6 +101,7 @@ class Engine(ForkingMixin):
         cache_cls = RadixCache if config.enable_prefix_cache else NaiveCache
         self.cache = cache_cls(self.kv_pool, page_size=config.page_size)
         self.tier = self._open_tier(lm, config)
+        self._kernels = lm.kernel_info()  # which product kernels / weight formats are in use
         self.scheduler = Scheduler(self.cache, self.kv_pool, self.req_pool,
                                    config.schedule_policy, config.chunked_prefill_size,
                                    config.max_running_requests, tier=self.tier)
@@ -490,6 +491,7 @@ class Engine(ForkingMixin):
             "host_time_share": (busy - st["forward"]) / busy if busy else 0.0,
             "step_time_s": dict(st),
             **(self.tier.snapshot() if self.tier is not None else {}),
+            "kernels": self._kernels,
         }
 
     def _tokens_by_namespace(self) -> dict[Any, int]:

@@ -27,6 +27,7 @@ from radixkv.model.context import (
     get_forward_context,
 )
 from radixkv.model.llama import LlamaForCausalLM, build_model
+from radixkv.model.quant import QuantReport, kernel_info, quantizing_getter, validate_quantization
 from radixkv.model.tokenizer import chat_ids, end_of_turn_ids, get_tokenizer
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,6 +45,12 @@ class LoadedModel:
     path: str
     dtype: torch.dtype
     device: torch.device
+    quant_report: QuantReport | None = None  # set when loaded with quantization=...
+
+    def kernel_info(self) -> dict[str, Any]:
+        """Which kernels and dtypes the model's products use, its weight bytes and (when
+        quantized) the formats and load-time errors: see `radixkv.model.quant.kernel_info`."""
+        return kernel_info(self.model, self.quant_report)
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> list[int]:
@@ -120,14 +127,19 @@ def _parse_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", quantization: str | None = None) -> LoadedModel:
     """Load a model for inference.
 
     `model`: a .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer files),
     a folder holding exactly one .gguf, or None for the default SmolLM2-135M-Instruct Q4_1.
     `dtype`: float32 / bfloat16 / float16 (quantized GGUF weights are dequantized to it).
-    Raises ModelLoadError for missing or unsupported files, dtypes or devices.
+    `quantization`: None (float weights), "gguf" (a GGUF's Q4_0 / Q4_1 / Q8_0 tensors kept packed
+    at their stored precision), "int4" / "int8" (float weights quantized group-wise at load; the
+    error is in `quant_report`). See `radixkv.model.quant`.
+    Raises ModelLoadError for missing or unsupported files, dtypes or devices, ConfigError for a
+    bad `quantization` or a model it cannot apply to.
     """
+    mode = validate_quantization(quantization)
     torch_dtype = parse_dtype(dtype)
     dev = _parse_device(device)
     kind, path = resolve_model(model)
@@ -139,6 +151,7 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
         from radixkv.model.hf_loader import HFCheckpoint
 
         ckpt = HFCheckpoint(path)
+    validate_quantization(mode, ckpt.config, kind)
     tokenizer = get_tokenizer(kind, path)
     config = ckpt.config
     config = dataclasses.replace(
@@ -149,14 +162,16 @@ def load_model(model: str | None = None, dtype: str | torch.dtype = "float32",
     )
     # GGUF dequantization is numpy work that releases the GIL: spread it over a few threads.
     workers = min(4, os.cpu_count() or 1) if kind == "gguf" else 1
+    report = QuantReport(mode) if mode is not None else None
+    get = ckpt.get if report is None else quantizing_getter(ckpt, report)
     with torch.no_grad():
-        net = build_model(config, ckpt.get, torch_dtype, dev, workers=workers)
+        net = build_model(config, get, torch_dtype, dev, workers=workers)
     return LoadedModel(model=net, config=config, tokenizer=tokenizer, path=path,
-                       dtype=torch_dtype, device=dev)
+                       dtype=torch_dtype, device=dev, quant_report=report)
 
 
 __all__ = [
     "DEFAULT_GGUF_NAME", "ForwardContext", "LlamaForCausalLM", "LoadedModel", "ModelConfig",
     "build_forward_context", "default_model_path", "forward_context", "get_forward_context",
-    "load_model", "load_tokenizer", "resolve_model",
+    "load_model", "load_tokenizer", "resolve_model", "validate_quantization",
 ]

@@ -17,13 +17,16 @@ import dataclasses
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from radixkv.errors import ModelLoadError
 from radixkv.model.config import ModelConfig, config_from_gguf
+
+if TYPE_CHECKING:
+    from radixkv.model.quant import QuantTensor
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -233,3 +236,24 @@ class GGUFCheckpoint:
         elif self._permuted and ".self_attn.k_proj." in hf_name:
             w = _unpermute(w, self.config.num_kv_heads)
         return torch.from_numpy(np.ascontiguousarray(w))
+
+    def get_quant(self, hf_name: str) -> QuantTensor | None:
+        """The tensor at its stored precision when it is Q4_0 / Q4_1 / Q8_0 (a QuantTensor in HF
+        layout, copied out of the map, never widened); None for other types."""
+        from gguf import GGMLQuantizationType
+
+        from radixkv.model.quant import from_gguf_blocks
+
+        info = self.file.tensors.get(gguf_name(hf_name))
+        if info is None or len(info.shape) != 2:
+            return None
+        raw = self.file._mm[info.offset:info.offset + info.nbytes]
+        qt = from_gguf_blocks(np.asarray(raw), GGMLQuantizationType(info.qtype).name,
+                              (info.shape[0], info.shape[1]))
+        if qt is None:
+            return None
+        if self._permuted and ".self_attn.q_proj." in hf_name:
+            qt = qt.permute_rows(lambda a: _unpermute(a, self.config.num_heads))
+        elif self._permuted and ".self_attn.k_proj." in hf_name:
+            qt = qt.permute_rows(lambda a: _unpermute(a, self.config.num_kv_heads))
+        return qt

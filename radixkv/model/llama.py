@@ -27,6 +27,7 @@ from radixkv.model.layers import (
     linear,
     native_half_matmul,
 )
+from radixkv.model.quant import QuantEmbedding, QuantLinear, QuantTensor, Segment
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -113,6 +114,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.lm_head_upcast_rows = 0  # see configure_cpu_kernels
         self.lm_head_fast_rows = 0
+        self.quant_head: QuantLinear | None = None  # the LM head when its weight is quantized
 
     def configure_cpu_kernels(self, fast: bool = True) -> None:
         """Pick the CPU product paths for this model's dtype and this CPU (called at load).
@@ -125,7 +127,7 @@ class LlamaForCausalLM(nn.Module):
           are upcast from 4 rows on; the vocab-sized LM head only from 64, as converting it
           costs as much as ~30 rows of native product.
         """
-        p = self.embed_tokens.weight
+        p = self.norm.weight  # (the embedding may be a quantized table)
         half = p.dtype in (torch.bfloat16, torch.float16)
         native = native_half_matmul(p.dtype) if half else True
         upcast = p.device.type == "cpu" and half and not native
@@ -153,6 +155,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, ctx)
         # RMSNorm is per row, so only the rows whose logits are wanted are normalised and scored.
         x = self.norm(x[ctx.logits_indices])  # [M, H]
+        if self.quant_head is not None:
+            return self.quant_head(x).float()  # [M, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight, None, self.lm_head_upcast_rows,
                       self.lm_head_fast_rows).float()  # [M, vocab]
@@ -194,7 +198,16 @@ def build_model(config: ModelConfig, get: TensorGetter, dtype: torch.dtype,
             (f"{dst}post_attention_layernorm.weight", (f"{src}post_attention_layernorm.weight",)),
         ]
 
+    quantized: dict[str, list[Segment]] = {}
+
     def assemble(name: str, sources: tuple[str, ...], parts: list[torch.Tensor]) -> None:
+        if any(isinstance(p, QuantTensor) for p in parts):  # `get` returned packed weights
+            shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+            if shape != tuple(expected[name].shape):
+                raise ModelLoadError(f"weight {' + '.join(sources)}: shape {shape}, "
+                                     f"expected {tuple(expected[name].shape)}")
+            quantized[name] = _segments(parts, device)
+            return
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         want = expected[name].shape
         if tensor.shape != want:
@@ -215,6 +228,48 @@ def build_model(config: ModelConfig, get: TensorGetter, dtype: torch.dtype,
             finally:
                 for f in futures.values():
                     f.cancel()
+    _install_quantized(model, quantized, state, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.configure_cpu_kernels()
     return model.eval()
+
+
+def _segments(parts: list[torch.Tensor | QuantTensor], device: torch.device) -> list[Segment]:
+    """Fused parts as QuantLinear segments: neighbours of one packed format are concatenated,
+    float parts (types a GGUF stores unquantized) become float32 segments."""
+    out: list[Segment] = []
+    for p in parts:
+        if isinstance(p, QuantTensor):
+            p = QuantTensor(p.fmt, p.qs.to(device), p.scales.to(device), p.source)
+            if out and isinstance(out[-1], QuantTensor) and out[-1].fmt == p.fmt:
+                out[-1] = QuantTensor.cat([out[-1], p])
+            else:
+                out.append(p)
+        else:
+            p = p.to(device=device, dtype=torch.float32)
+            if out and isinstance(out[-1], torch.Tensor):
+                out[-1] = torch.cat([out[-1], p])
+            else:
+                out.append(p)
+    return out
+
+
+def _install_quantized(model: LlamaForCausalLM, quantized: dict[str, list[Segment]],
+                       state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Swap the modules whose weights came packed for QuantLinear / QuantEmbedding (their
+    float biases move along out of `state`)."""
+    for name, segments in quantized.items():
+        path = name.removesuffix(".weight")
+        if path == "embed_tokens":
+            (table,) = segments
+            assert isinstance(table, QuantTensor), "a quantized embedding has one packed part"
+            model.embed_tokens = QuantEmbedding(table, dtype)
+            if model.config.tie_word_embeddings:
+                model.quant_head = QuantLinear([table])
+            continue
+        bias = state.pop(f"{path}.bias", None)
+        layer = QuantLinear(segments, bias)
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
+        if path == "lm_head":
+            model.quant_head = layer

@@ -53,9 +53,10 @@ class Frontend:
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",
                  chunked_prefill_size: int = 512, seed: int = 0,
                  kv_store: str | None = None, kv_store_write_through: bool = False,
-                 kv_cache_dtype: str = "auto") -> None:
-        from radixkv.model import LoadedModel, load_model
+                 kv_cache_dtype: str = "auto", quantization: str | None = None) -> None:
+        from radixkv.model import LoadedModel, load_model, validate_quantization
 
+        validate_quantization(quantization)
         # Validate the options before the (slow) model load; the pool size is checked again
         # once known.
         EngineConfig(max_total_tokens=max_total_tokens or 1,
@@ -65,8 +66,8 @@ class Frontend:
                      kv_store_write_through=kv_store_write_through, kv_cache_dtype=kv_cache_dtype)
         # An already loaded model may be shared, e.g. by a cache-on and a cache-off LLM in an
         # A/B run; each front end still has its own pools, tree and loop.
-        self.lm = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype,
-                                                                          device=device)
+        self.lm = model if isinstance(model, LoadedModel) else load_model(
+            model, dtype=dtype, device=device, quantization=quantization)
         self.tokenizer = self.lm.tokenizer
         if max_total_tokens is None:
             max_total_tokens = self._auto_pool_size(kv_cache_dtype)

@@ -47,6 +47,8 @@ class LLM(Frontend):
         kv_cache_dtype: KV storage: "auto" (the model dtype), "int8" or "fp8_e4m3" (codes plus
             a float32 scale per token and KV head; ~3.7x the tokens of float32 KV in the same
             memory). Anything else raises `ConfigError`.
+        quantization: None (float weights), "gguf" (a GGUF's Q4_0 / Q4_1 / Q8_0 weights run
+            packed at their stored precision), "int4" / "int8" (quantized group-wise at load).
     Bad options raise `ConfigError`, bad requests `InvalidRequestError` (before anything runs).
     """
 

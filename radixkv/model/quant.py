@@ -1,0 +1,452 @@
+"""Weight-only group quantization: packed int4 / int8 weights, the layers that run them, and the
+`quantization=` setting of `load_model`.
+
+Formats (groups of GROUP = 32 consecutive weights along `in`, one scale each):
+  int4: w = d * q + m, q in 0..15; `qs` uint8 [N, K/32, 16] (byte j holds element j in its low
+        nibble and element j + 16 in its high one: GGUF's Q4_0 / Q4_1 order), `scales` float16
+        [N, K/32, 2] = (d, m). Q4_1 maps as is; Q4_0 (w = d * (q - 8)) as m = -8 d, exact in fp16.
+  int8: w = d * q, q in -127..127; `qs` int8 [N, K/32, 32], `scales` float16 [N, K/32]: Q8_0.
+
+Modes: None (float weights, the default), "gguf" (a GGUF file's Q4_0 / Q4_1 / Q8_0 tensors kept
+at their stored precision, other types widened), "int4" / "int8" (float weights quantized
+group-wise at load; the embedding and LM head go to int8 under "int4", as llama.cpp's Q4 files
+do, and the error is reported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixkv.errors import ConfigError
+from radixkv.model import quant_kernels
+
+GROUP = 32
+QUANTIZATION_MODES = ("int4", "int8", "gguf")
+
+# Kernel choice by the number of rows M of x (tokens in the forward). Measured with
+# `bench/quant_kernels.py --threads 1` on this repo's 2-core AMD EPYC (Zen 3: AVX2 + FMA + F16C,
+# no AVX-512), shared with other jobs (load average ~21, so 1-thread best-of-9 figures are the
+# stable ones), int4 weights, ms per product:
+#
+#   shape     path              M=1    8      16     32     64
+#   960x576   packed GEMV       0.103  0.408  0.753  1.471  2.797
+#             widen tiles+GEMM  0.184  0.736  1.076  1.766  2.191
+#             fp32 F.linear     0.078  0.498  0.718  1.224  2.093   (weight cache-resident)
+#   3072x576  packed GEMV       0.347  0.846  1.822
+#             widen tiles+GEMM  0.809  (noise) 2.653
+#             fp32 F.linear     0.876  2.642  (noise)
+#
+# The packed kernel widens each group of 32 weights once per 8 rows of x, so its cost grows
+# with M at about a float32 GEMM's FMA rate plus the widening; torch's fp32 GEMM (MKL / oneDNN,
+# register-blocked) overtakes it between M = 32 and 64, where a widened tile is reused by enough
+# rows that widening it is a small share of the product. (In a whole model the float32 weights
+# stream from DRAM, 4.6x the bytes of int4, so the packed kernel's lead at small M is larger
+# than in this cache-resident micro-benchmark.)
+GEMV_MAX_ROWS = 64
+# Widened tiles of at most this many floats (4 MiB): large enough for the GEMM to run at speed,
+# small enough that no float32 copy of a whole weight ever exists.
+TILE_ELEMS = 1 << 20
+
+
+def validate_quantization(value: object, config: Any = None, kind: str | None = None
+                          ) -> str | None:
+    """The `quantization` setting checked: None, "int4", "int8" or "gguf" (case-insensitive).
+
+    With a ModelConfig (and the checkpoint `kind`, "gguf" or "hf"), also checks that the model
+    can be quantized: every matrix's input width divides GROUP, and "gguf" needs a GGUF file.
+    Raises ConfigError; changes nothing.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.strip().lower() not in QUANTIZATION_MODES:
+        raise ConfigError(f"quantization must be None or one of {', '.join(QUANTIZATION_MODES)}; "
+                          f"got {value!r}")
+    mode = value.strip().lower()
+    if kind is not None and mode == "gguf" and kind != "gguf":
+        raise ConfigError('quantization="gguf" keeps a GGUF file\'s stored types; this model is '
+                          'a Hugging Face folder: use "int4" or "int8"')
+    if config is not None:
+        widths = {"hidden_size": config.hidden_size,
+                  "intermediate_size": config.intermediate_size,
+                  "num_heads * head_dim": config.num_heads * config.head_dim}
+        bad = {k: v for k, v in widths.items() if v % GROUP}
+        if bad and mode in ("int4", "int8"):
+            raise ConfigError(f"quantization={mode!r} needs input widths divisible by the group "
+                              f"size {GROUP}; this model has {bad}")
+    return mode
+
+
+@dataclass(slots=True)
+class QuantTensor:
+    """A group-quantized weight [N, K] (see the module docstring for the formats)."""
+
+    fmt: str  # "int4" | "int8"
+    qs: torch.Tensor
+    scales: torch.Tensor
+    source: str  # where it came from: "Q4_1", "Q8_0", "int4 at load", ...
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.scales.nbytes
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight widened to float32 [N, K]: the pure torch reference of the kernels."""
+        n, k = self.shape
+        if self.fmt == "int4":
+            q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float()  # [N, G, 32]
+            d, m = self.scales.float().unbind(-1)  # [N, G] each
+            return (d.unsqueeze(-1) * q + m.unsqueeze(-1)).reshape(n, k)
+        return (self.scales.float().unsqueeze(-1) * self.qs.float()).reshape(n, k)
+
+    def rows(self, index: torch.Tensor) -> QuantTensor:
+        """The rows `index` of the weight (e.g. embedding lookups), still quantized."""
+        return QuantTensor(self.fmt, self.qs[index], self.scales[index], self.source)
+
+    @staticmethod
+    def cat(parts: list[QuantTensor]) -> QuantTensor:
+        """Row-wise concatenation of weights in one format (fused q/k/v, gate/up)."""
+        fmts = {p.fmt for p in parts}
+        assert len(fmts) == 1, f"cannot concatenate formats {fmts}"
+        sources = "+".join(sorted({p.source for p in parts}))
+        return QuantTensor(parts[0].fmt, torch.cat([p.qs for p in parts]),
+                           torch.cat([p.scales for p in parts]), sources)
+
+    def permute_rows(self, fn: Any) -> QuantTensor:
+        """Rows reordered by `fn` (a numpy row permutation such as the GGUF q/k un-permute):
+        groups lie along `in`, so whole rows move with their scales."""
+        return QuantTensor(self.fmt, torch.from_numpy(np.ascontiguousarray(fn(self.qs.numpy()))),
+                           torch.from_numpy(np.ascontiguousarray(fn(self.scales.numpy()))),
+                           self.source)
+
+
+# ---- from GGUF blocks -------------------------------------------------------------------------
+def from_gguf_blocks(raw: np.ndarray, qtype_name: str, shape: tuple[int, int]
+                     ) -> QuantTensor | None:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's raw bytes as a QuantTensor (copied out of the file map);
+    None for other types (they are widened by the caller)."""
+    n, k = shape
+    if k % GROUP:
+        return None
+    groups = k // GROUP
+    if qtype_name == "Q4_0":  # [d fp16][16 B nibbles]
+        blocks = raw.reshape(n, groups, 18)
+        d = blocks[..., 0:2].copy().view(np.float16)  # [N, G, 1]
+        m = (d.astype(np.float32) * -8.0).astype(np.float16)  # exact unless |d| > 8188
+        if not np.isfinite(m).all():
+            return None
+        scales = np.concatenate([d, m], axis=-1)
+        qs = blocks[..., 2:].copy()
+        return QuantTensor("int4", torch.from_numpy(qs), torch.from_numpy(scales), "Q4_0")
+    if qtype_name == "Q4_1":  # [d fp16][m fp16][16 B nibbles]
+        blocks = raw.reshape(n, groups, 20)
+        scales = blocks[..., 0:4].copy().view(np.float16)  # [N, G, 2]
+        qs = blocks[..., 4:].copy()
+        return QuantTensor("int4", torch.from_numpy(qs), torch.from_numpy(scales), "Q4_1")
+    if qtype_name == "Q8_0":  # [d fp16][32 x int8]
+        blocks = raw.reshape(n, groups, 34)
+        scales = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [N, G]
+        qs = blocks[..., 2:].copy().view(np.int8)
+        return QuantTensor("int8", torch.from_numpy(qs), torch.from_numpy(scales), "Q8_0")
+    return None
+
+
+# ---- from float weights ----------------------------------------------------------------------
+def quantize(w: torch.Tensor, fmt: str) -> QuantTensor:
+    """Group-wise quantization of a float weight [N, K] (K divisible by GROUP).
+
+    int4: asymmetric per group, d = (max - min) / 15, m = min (Q4_1's rule); int8: symmetric,
+    d = max|w| / 127 (Q8_0's rule). Codes are rounded against the float16-rounded scales, so the
+    stored (d, m, q) reproduce the weight as closely as the format allows.
+    """
+    n, k = w.shape
+    if k % GROUP:
+        raise ConfigError(f"cannot quantize a weight of shape {(n, k)}: {k} is not a multiple "
+                          f"of the group size {GROUP}")
+    g = w.detach().float().reshape(n, k // GROUP, GROUP)
+    if fmt == "int4":
+        lo, hi = g.amin(-1), g.amax(-1)  # [N, G]
+        d = ((hi - lo) / 15).half()
+        m = lo.half()
+        inv = torch.where(d == 0, 0.0, 1.0 / d.float())
+        q = ((g - m.float().unsqueeze(-1)) * inv.unsqueeze(-1)).round().clamp_(0, 15)
+        q = q.to(torch.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)
+        return QuantTensor("int4", qs.contiguous(), torch.stack([d, m], -1).contiguous(),
+                           "int4 at load")
+    if fmt == "int8":
+        d = (g.abs().amax(-1) / 127).half()
+        inv = torch.where(d == 0, 0.0, 1.0 / d.float())
+        q = (g * inv.unsqueeze(-1)).round().clamp_(-127, 127).to(torch.int8)
+        return QuantTensor("int8", q.contiguous(), d.contiguous(), "int8 at load")
+    raise ConfigError(f"unknown quantized format {fmt!r}")
+
+
+def relative_error(w: torch.Tensor, qt: QuantTensor) -> float:
+    """||w - dequantize(qt)|| / ||w|| (Frobenius)."""
+    w = w.detach().float()
+    denom = float(torch.linalg.vector_norm(w))
+    return float(torch.linalg.vector_norm(w - qt.dequantize())) / denom if denom else 0.0
+
+
+# ---- layers -----------------------------------------------------------------------------------
+_scratch = threading.local()
+
+
+def _tile_buffer(numel: int) -> torch.Tensor:
+    """A reused float32 buffer of at least `numel` elements (one per thread)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+Segment = QuantTensor | torch.Tensor  # a float segment is a float32 [n, K] tensor
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ b) with W stored as row segments, each packed (int4 / int8) or float32 (a
+    fused q/k/v whose parts a GGUF stores in different types).
+
+    The kernel is picked by the rows M of x at run time: M < `gemv_max_rows` runs the packed
+    C++ kernel (weights widened in registers, nothing widened in memory); larger M widens tiles
+    of at most TILE_ELEMS weights into a reused buffer and runs torch's float32 GEMM on them.
+    Activations are float32 (the C++ kernels take float32; bf16 / fp16 inputs are upcast and the
+    result rounded back). Without the compiled kernels, every M uses the torch reference.
+    """
+
+    def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
+                 gemv_max_rows: int = GEMV_MAX_ROWS) -> None:
+        super().__init__()
+        ks = {s.shape[1] for s in segments}
+        if len(ks) != 1:
+            raise ValueError(f"segments disagree on in_features: {ks}")
+        self.in_features = ks.pop()
+        self.out_features = sum(s.shape[0] for s in segments)
+        self.gemv_max_rows = gemv_max_rows
+        self.formats: list[str] = []
+        self.sources: list[str] = []
+        self._rows: list[int] = []
+        for i, s in enumerate(segments):
+            if isinstance(s, QuantTensor):
+                self.register_buffer(f"qs{i}", s.qs, persistent=False)
+                self.register_buffer(f"scales{i}", s.scales, persistent=False)
+                self.formats.append(s.fmt)
+                self.sources.append(s.source)
+            else:
+                self.register_buffer(f"w{i}", s.float().contiguous(), persistent=False)
+                self.formats.append("float32")
+                self.sources.append(str(s.dtype).replace("torch.", ""))
+            self._rows.append(s.shape[0])
+        self.register_buffer("bias", None if bias is None else bias.float().contiguous(),
+                             persistent=False)
+        self._segs: list[Segment] | None = None  # segment views, rebuilt after .to() / _apply
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        out = super()._apply(fn, recurse)
+        self._segs = None
+        return out
+
+    def segments(self) -> list[Segment]:
+        """The row segments in order (QuantTensor or float32 tensor), views of the buffers."""
+        if self._segs is None:
+            self._segs = [self.segment(i) for i in range(len(self.formats))]
+        return self._segs
+
+    def segment(self, i: int) -> Segment:
+        if self.formats[i] == "float32":
+            return getattr(self, f"w{i}")
+        return QuantTensor(self.formats[i], getattr(self, f"qs{i}"),
+                           getattr(self, f"scales{i}"), self.sources[i])
+
+    def kernel_for(self, m: int, device: torch.device | None = None) -> str:
+        """Which path a product with `m` rows takes: "packed-gemv", "widen-tile+gemm" or
+        "reference" (no compiled kernels, or not on the CPU)."""
+        dev = device if device is not None else next(iter(self.buffers())).device
+        if dev.type != "cpu" or not quant_kernels.available():
+            return "reference"
+        return "packed-gemv" if m < self.gemv_max_rows else "widen-tile+gemm"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
+        m = x.shape[0]
+        x32 = x if x.dtype == torch.float32 else x.float()
+        if x32.stride(-1) != 1:
+            x32 = x32.contiguous()
+        segs = self.segments()
+        if x.device.type != "cpu" or not quant_kernels.available():
+            w = torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize() for s in segs])
+            return F.linear(x32, w, self.bias).to(x.dtype)
+        out = torch.empty(m, self.out_features, dtype=torch.float32)
+        gemv = m < self.gemv_max_rows
+        if gemv and len(segs) == 1 and isinstance(segs[0], QuantTensor):  # the decode case
+            seg = segs[0]
+            if m:
+                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, self.bias, out)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
+        if m == 0:
+            return out.to(x.dtype)
+        off = 0
+        for seg, rows in zip(segs, self._rows, strict=True):
+            dst = out[:, off:off + rows]
+            bias = None if self.bias is None else self.bias[off:off + rows]
+            if isinstance(seg, torch.Tensor):
+                dst.copy_(F.linear(x32, seg, bias))
+            elif gemv:
+                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst)
+            else:
+                self._tiled(x32, seg, bias, dst)
+            off += rows
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _tiled(self, x32: torch.Tensor, seg: QuantTensor, bias: torch.Tensor | None,
+               dst: torch.Tensor) -> None:
+        n, k = seg.shape
+        step = max(1, TILE_ELEMS // k)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            tile = _tile_buffer((b - a) * k).view(b - a, k)
+            quant_kernels.dequantize(seg.fmt, seg.qs[a:b], seg.scales[a:b], k, out=tile)
+            part = F.linear(x32, tile, None if bias is None else bias[a:b])  # [M, b - a]
+            dst[:, a:b].copy_(part)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"formats={self.formats}, sources={self.sources}")
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding lookup from a quantized table: only the looked-up rows are widened."""
+
+    def __init__(self, table: QuantTensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fmt = table.fmt
+        self.source = table.source
+        self.dtype = dtype
+        self.register_buffer("qs", table.qs, persistent=False)
+        self.register_buffer("scales", table.scales, persistent=False)
+
+    @property
+    def table(self) -> QuantTensor:
+        return QuantTensor(self.fmt, self.qs, self.scales, self.source)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [N] -> [N, H]
+        rows = self.table.rows(ids)
+        if ids.device.type == "cpu" and quant_kernels.available() and ids.numel():
+            out = quant_kernels.dequantize(self.fmt, rows.qs, rows.scales, rows.shape[1])
+        else:
+            out = rows.dequantize()
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+
+# ---- what a loaded model runs -----------------------------------------------------------------
+@dataclass
+class QuantReport:
+    """What load-time quantization did: per-tensor relative errors and the formats chosen."""
+
+    mode: str
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> rel. error
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> format/source
+
+    def summary(self) -> dict[str, Any]:
+        errs = list(self.errors.values())
+        out: dict[str, Any] = {"mode": self.mode, "tensors": len(self.formats)}
+        if errs:
+            out["rel_error_max"] = max(errs)
+            out["rel_error_mean"] = sum(errs) / len(errs)
+            out["rel_error_worst"] = max(self.errors, key=self.errors.__getitem__)
+        return out
+
+
+def _is_matrix(hf_name: str) -> bool:
+    return hf_name.endswith("_proj.weight") or hf_name in ("lm_head.weight",
+                                                           "model.embed_tokens.weight")
+
+
+def quantizing_getter(ckpt: Any, report: QuantReport) -> Any:
+    """`ckpt.get` (name -> float tensor) wrapped for `report.mode`: matrices come back as
+    QuantTensors (from the GGUF's own blocks for "gguf", quantized here for "int4" / "int8"),
+    everything else as before. Records formats and errors in `report` (thread-safe: one dict
+    item per name)."""
+    mode = report.mode
+
+    def get(name: str) -> torch.Tensor | QuantTensor:
+        if not _is_matrix(name):
+            return ckpt.get(name)
+        if mode == "gguf":
+            qt = ckpt.get_quant(name)
+            if qt is None:  # a type without a packed kernel (F16, F32, K-quants): widened
+                report.formats[name] = "float32 (widened)"
+                return ckpt.get(name)
+            report.formats[name] = f"{qt.fmt} ({qt.source})"
+            return qt
+        embedding = name in ("lm_head.weight", "model.embed_tokens.weight")
+        fmt = "int8" if mode == "int8" or embedding else "int4"
+        w = ckpt.get(name)
+        qt = quantize(w, fmt)
+        report.errors[name] = relative_error(w, qt)
+        report.formats[name] = fmt
+        return qt
+
+    return get
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `model`, each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str, Any]:
+    """Which kernels and dtypes a model's products use, its weight bytes, and (for load-time
+    quantization) the error report: for cache_stats() and the server's startup line."""
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    formats: dict[str, int] = {}
+    for lin in linears:
+        for f, s in zip(lin.formats, lin.sources, strict=True):
+            key = f"{f} ({s})"
+            formats[key] = formats.get(key, 0) + 1
+    emb = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
+    floats = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    info: dict[str, Any] = {
+        "quantization": report.mode if report is not None else None,
+        "weight_bytes": weight_bytes(model),
+        "float_linears": len(floats),
+        "quantized_linears": len(linears),
+        "quantized_formats": formats,
+        "embedding": f"{emb[0].fmt} ({emb[0].source})" if emb else "float",
+    }
+    if linears:
+        ready = quant_kernels.available()
+        info["activations"] = "float32"
+        info["kernels"] = {
+            f"M < {linears[0].gemv_max_rows}": (
+                "packed int4/int8 GEMV (C++ "
+                + ("AVX2+FMA" if quant_kernels.simd() else "scalar") + ", OpenMP)"
+                if ready else "torch reference (dequantize + matmul)"),
+            f"M >= {linears[0].gemv_max_rows}": (
+                "widened float32 tiles + torch GEMM" if ready
+                else "torch reference (dequantize + matmul)"),
+        }
+    if report is not None:
+        info["quant_report"] = report.summary()
+    return info

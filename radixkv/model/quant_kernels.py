@@ -1,0 +1,147 @@
+"""The packed low-bit CPU kernels (csrc/qgemv.cpp), compiled at first use and called via ctypes.
+
+Same build scheme as `radixkv.attention.cpu_kernels`: plain C++ with OpenMP and no torch or
+Python headers, built once with the system compiler (`$CXX`, else g++, c++ or clang++) into
+`$RADIXKV_CACHE_DIR` (default `~/.cache/radixkv`), keyed by the source, compiler, flags and CPU.
+When no compiler is found or the build fails, `available()` is False and the quantized layers
+use the pure torch reference (dequantize, then matmul); `RADIXKV_QUANT_KERNELS=0` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from radixkv.attention.cpu_kernels import _cache_dir, _cpu_fingerprint, _find_compiler
+
+_log = logging.getLogger(__name__)
+_SRC = Path(__file__).with_name("csrc") / "qgemv.cpp"
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3"],
+)
+_COMMON = ["-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+FORMATS = {"int4": 0, "int8": 1}  # the kernel's `fmt` codes
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_simd = False
+
+
+def _compile(cxx: str, out_dir: Path) -> Path | None:
+    src = _SRC.read_bytes()
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags + _COMMON).encode(),
+                                         _cpu_fingerprint().encode()])).hexdigest()[:20]
+        target = out_dir / f"qgemv_{key}.so"
+        if target.exists():
+            return target
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Build to a private name, then rename: concurrent first uses never see a partial file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            res = subprocess.run([cxx, *flags, *_COMMON, str(_SRC), "-o", tmp],
+                                 capture_output=True, text=True, timeout=600)
+            if res.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            _log.info("radixkv: %s %s failed:\n%s", cxx, " ".join(flags), res.stderr[-2000:])
+        except (OSError, subprocess.SubprocessError) as exc:
+            _log.info("radixkv: compiling the quantized kernels failed: %s", exc)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _simd
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("RADIXKV_QUANT_KERNELS", "1") == "0":
+            return None
+        cxx = _find_compiler()
+        if cxx is None or not _SRC.exists():
+            _log.warning("radixkv: no C++ compiler or kernel source; quantized layers use torch")
+            return None
+        path = None
+        for out_dir in (_cache_dir(), Path(tempfile.gettempdir()) / f"radixkv-{os.getuid()}"):
+            try:
+                path = _compile(cxx, out_dir)
+                break
+            except OSError as exc:
+                _log.info("radixkv: cannot build in %s: %s", out_dir, exc)
+        if path is None:
+            _log.warning("radixkv: could not build the quantized kernels; using torch")
+            return None
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            _log.warning("radixkv: could not load %s (%s); quantized layers use torch", path, exc)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.rkv_qgemm.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+        lib.rkv_qgemm.restype = i64
+        lib.rkv_dequant.argtypes = [i64, i64, i64, ptr, ptr, ptr, i64, i64]
+        lib.rkv_dequant.restype = i64
+        lib.rkv_qgemm_simd.restype = i64
+        _simd = bool(lib.rkv_qgemm_simd())
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """True when the packed kernels are built (building them on the first call)."""
+    return _lib is not None or _load() is not None
+
+
+def simd() -> bool:
+    """True when the kernels were compiled with their AVX2 + FMA + F16C code (else scalar C++)."""
+    return available() and _simd
+
+
+def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
+          bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ W.T (+ bias), W [N, K] packed as (qs, scales) in format `fmt`.
+
+    x: float32 with unit last stride; out: float32 [M, N] view with unit last stride (it may be a
+    column slice of a wider tensor); bias: float32 [N] or None. Caller checks shapes.
+    """
+    lib = _lib or _load()
+    assert lib is not None, "quant_kernels.qgemm called without available()"
+    m, k = x.shape
+    code = lib.rkv_qgemm(FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0),
+                         qs.data_ptr(), scales.data_ptr(),
+                         bias.data_ptr() if bias is not None else None,
+                         out.data_ptr(), out.stride(0), torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"rkv_qgemm failed with code {code}")
+    return out
+
+
+def dequantize(fmt: str, qs: torch.Tensor, scales: torch.Tensor, k: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] widened to float32 (into `out` [N, K] when given; unit last stride)."""
+    lib = _lib or _load()
+    assert lib is not None, "quant_kernels.dequantize called without available()"
+    n = qs.shape[0]
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.float32)
+    code = lib.rkv_dequant(FORMATS[fmt], n, k, qs.data_ptr(), scales.data_ptr(),
+                           out.data_ptr(), out.stride(0), torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"rkv_dequant failed with code {code}")
+    return out

@@ -1,0 +1,247 @@
+"""Packed int4 / int8 weights against independent oracles.
+
+- The C++ kernels (both the packed GEMV and the widened-tile GEMM path) vs float32
+  dequantize-then-matmul, on random shapes, biases and column-sliced outputs.
+- GGUF Q4_0 / Q4_1 / Q8_0 blocks vs `gguf.quants.dequantize` (the gguf package's own reference).
+- Load-time int4 / int8 quantization: per-group error bounds, and a quantized model equal to a
+  float model built from the dequantized weights.
+- Tiny GGUF models end to end (greedy equal to the float run within near ties), kernel choice by
+  shape, the torch fallback, and typed errors for bad settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixkv.errors import ConfigError
+from radixkv.model import load_model, validate_quantization
+from radixkv.model import quant_kernels as qk
+from radixkv.model.quant import (
+    GROUP,
+    QuantLinear,
+    QuantTensor,
+    from_gguf_blocks,
+    quantize,
+    weight_bytes,
+)
+from tests.engine_fixtures import tiny_llama_dir  # noqa: F401  (fixture)
+from tests.model_fixtures import PagedRunner, make_tiny_hf, write_tiny_gguf
+
+PROMPTS = [[5, 17, 200, 3, 99, 42, 7], [1, 2, 3],
+           [250, 11, 64, 64, 90, 12, 31, 8, 150, 77, 23, 4, 61, 33, 100, 101, 102, 9, 0, 260]]
+
+
+def random_quant(fmt: str, n: int, k: int, gen: torch.Generator) -> QuantTensor:
+    g = k // GROUP
+    if fmt == "int4":
+        qs = torch.randint(0, 256, (n, g, 16), dtype=torch.uint8, generator=gen)
+        scales = (torch.randn(n, g, 2, generator=gen) * 0.05).half()
+    else:
+        qs = torch.randint(-127, 128, (n, g, 32), dtype=torch.int8, generator=gen)
+        scales = (torch.rand(n, g, generator=gen) * 0.002).half()
+    return QuantTensor(fmt, qs, scales, "random")
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # float32 products that differ only in summation order (and an FMA in the widening)
+    scale = float(b.abs().max()) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, atol=1e-5 * max(scale, 1.0), rtol=1e-5)
+
+
+needs_kernels = pytest.mark.skipif(not qk.available(), reason="no C++ compiler for the kernels")
+
+
+# ---- kernels vs dequantize-then-matmul --------------------------------------------------------
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 64), (130, 96), (64, 320)])
+def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    qt = random_quant(fmt, n, k, gen)
+    w = qt.dequantize()
+    np.testing.assert_array_equal(qk.dequantize(fmt, qt.qs, qt.scales, k).numpy(), w.numpy())
+    bias = torch.randn(n, generator=gen)
+    for m in (0, 1, 2, 3, 7, 8, 9, 17, 70):
+        x = torch.randn(m, k, generator=gen)
+        ref = F.linear(x, w, bias)
+        # the GEMV into a column slice of a wider output (as fused layers write)
+        wide = torch.full((m, n + 5), 7.0)
+        qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n])
+        close(wide[:, 2:2 + n], ref)
+        assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
+        for rows in (1, 1 << 30):  # widened tiles (every M) / packed GEMV (every M)
+            layer = QuantLinear([qt], bias, gemv_max_rows=rows)
+            close(layer(x), ref)
+        # a strided x (every other row of a bigger tensor)
+        xs = torch.randn(2 * m, k, generator=gen)[::2]
+        close(QuantLinear([qt])(xs), F.linear(xs, w))
+
+
+@needs_kernels
+def test_mixed_segments_and_half_activations() -> None:
+    """A fused weight whose parts are int4, int8 and float (as a GGUF may store q/k/v)."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = random_quant("int4", 24, 64, gen), random_quant("int8", 10, 64, gen)
+    f = torch.randn(6, 64, generator=gen)
+    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen))
+    w = torch.cat([a.dequantize(), b.dequantize(), f])
+    for m in (1, 5, 100):
+        x = torch.randn(m, 64, generator=gen)
+        close(layer(x), F.linear(x, w, layer.bias))
+    xb = torch.randn(4, 64, generator=gen).bfloat16()
+    out = layer(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.linear(xb.float(), w, layer.bias),
+                               atol=0.05, rtol=1.6e-2)
+
+
+@needs_kernels
+def test_kernel_choice_by_shape() -> None:
+    qt = random_quant("int4", 8, 32, torch.Generator().manual_seed(0))
+    layer = QuantLinear([qt], gemv_max_rows=16)
+    assert [layer.kernel_for(m) for m in (1, 15, 16, 512)] == [
+        "packed-gemv", "packed-gemv", "widen-tile+gemm", "widen-tile+gemm"]
+    assert layer.kernel_for(1, torch.device("meta")) == "reference"
+
+
+def test_torch_fallback_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(1)
+    qt = random_quant("int8", 16, 64, gen)
+    monkeypatch.setattr(qk, "available", lambda: False)
+    layer = QuantLinear([qt])
+    assert layer.kernel_for(1) == "reference"
+    x = torch.randn(3, 64, generator=gen)
+    close(layer(x), F.linear(x, qt.dequantize()))
+
+
+# ---- GGUF blocks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_match_gguf_dequantize(name: str) -> None:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[name]
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 128)) * 0.3).astype(np.float32)
+    data = gguf.quants.quantize(w, qtype)  # [48, bytes per row]
+    want = gguf.quants.dequantize(data, qtype).reshape(48, 128)
+    qt = from_gguf_blocks(np.ascontiguousarray(data).reshape(-1), name, (48, 128))
+    assert qt is not None and qt.fmt == ("int8" if name == "Q8_0" else "int4")
+    # Q4_1's d * q + m rounds twice in numpy and may differ from the reference by an ulp
+    np.testing.assert_allclose(qt.dequantize().numpy(), want, rtol=0, atol=1e-6)
+    if qk.available():
+        x = torch.randn(5, 128)
+        close(QuantLinear([qt])(x), x @ torch.from_numpy(want).T)
+    assert from_gguf_blocks(np.zeros(8, np.uint8), "F16", (2, 2)) is None
+
+
+# ---- load-time quantization -----------------------------------------------------------------
+@pytest.mark.parametrize("fmt,levels", [("int4", 15), ("int8", 254)])
+def test_quantize_error_bound(fmt: str, levels: int) -> None:
+    w = torch.randn(33, 96) * torch.rand(33, 1) * 3
+    qt = quantize(w, fmt)
+    err = (qt.dequantize() - w).reshape(33, 3, GROUP).abs().amax(-1)  # [N, G]
+    g = w.reshape(33, 3, GROUP)
+    spread = g.amax(-1) - g.amin(-1) if fmt == "int4" else 2 * g.abs().amax(-1)
+    # half a step, plus the float16 rounding of the scale and the offset
+    assert (err <= spread / levels * 0.5 * 1.01 + 2e-3 * g.abs().amax(-1)).all()
+    with pytest.raises(ConfigError):
+        quantize(torch.randn(4, 33), fmt)
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_hf_model_equals_dequantized_float_model(tmp_path: Path, mode: str) -> None:
+    make_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=True, attention_bias=True)
+    q = load_model(str(tmp_path / "hf"), quantization=mode)
+    f = load_model(str(tmp_path / "hf"))
+    with torch.no_grad():  # the oracle: the float model with its matrices round-tripped
+        for mod in f.model.modules():
+            if isinstance(mod, torch.nn.Linear | torch.nn.Embedding):
+                fmt = "int4" if mode == "int4" and isinstance(mod, torch.nn.Linear) else "int8"
+                mod.weight.copy_(quantize(mod.weight, fmt).dequantize())
+    ours, _ = PagedRunner(q.model, q.config).forward(PROMPTS, logits="all")
+    ref, _ = PagedRunner(f.model, f.config).forward(PROMPTS, logits="all")
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    info = q.kernel_info()
+    assert info["quantization"] == mode and info["float_linears"] == 0
+    summary = info["quant_report"]
+    assert summary["tensors"] == 2 * 7 + 1 and 0 < summary["rel_error_max"] < 0.2
+    assert weight_bytes(q.model) < weight_bytes(f.model) / (3 if mode == "int4" else 2)
+
+
+# ---- tiny GGUF end to end --------------------------------------------------------------------
+def _greedy_agree(a: list[int], b: list[int], logits: torch.Tensor, tol: float) -> None:
+    """Equal tokens, or the first difference is a near tie in the reference logits."""
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            row = logits[i]
+            assert float(row.max() - row[y]) < tol, f"step {i}: {x} vs {y} is no near tie"
+            return
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_quantized_end_to_end(tmp_path: Path, arch: str) -> None:
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    hf = make_tiny_hf(tmp_path / "hf", arch)
+    write_tiny_gguf(tmp_path / "m.gguf", hf, arch, [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.F32])
+    f = load_model(str(tmp_path / "m.gguf"))
+    q = load_model(str(tmp_path / "m.gguf"), quantization="gguf")
+    # every stored type shows up: int4 from Q4_0 and Q4_1, int8 from Q8_0, widened F16 / F32
+    fmts = q.kernel_info()["quantized_formats"]
+    assert {k.split(" ")[0] for k in fmts} >= {"int4", "int8", "float32"}, fmts
+    assert any("Q4_0" in k for k in fmts) and any("Q4_1" in k for k in fmts)
+    ref, _ = PagedRunner(f.model, f.config).forward(PROMPTS, logits="all")
+    ours, _ = PagedRunner(q.model, q.config).forward(PROMPTS, logits="all")
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    out_f, lf = PagedRunner(f.model, f.config).greedy(PROMPTS, 12)
+    out_q, _ = PagedRunner(q.model, q.config).greedy(PROMPTS, 12)
+    for b in range(len(PROMPTS)):
+        _greedy_agree(out_f[b], out_q[b], lf[:, b], tol=1e-3)
+
+
+# ---- settings ---------------------------------------------------------------------------------
+def test_bad_quantization_settings(tmp_path: Path) -> None:
+    assert validate_quantization(None) is None
+    assert validate_quantization("INT4") == "int4"
+    for bad in ("int3", "", 4, "q4_0"):
+        with pytest.raises(ConfigError, match="quantization"):
+            validate_quantization(bad)
+    with pytest.raises(ConfigError, match="quantization"):
+        load_model(str(tmp_path), quantization="int3")  # checked before the path
+    # widths not divisible by the group (hidden 48, head_dim 12)
+    make_tiny_hf(tmp_path / "odd", "llama", hidden_size=48, intermediate_size=96)
+    with pytest.raises(ConfigError, match="divisible"):
+        load_model(str(tmp_path / "odd"), quantization="int4")
+    make_tiny_hf(tmp_path / "hf", "llama")
+    with pytest.raises(ConfigError, match="GGUF"):
+        load_model(str(tmp_path / "hf"), quantization="gguf")
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_engine_with_quantized_weights(tiny_llama_dir: Path, mode: str) -> None:  # noqa: F811
+    """Prefix cache on == off, and a pool small enough to force eviction / preemption, with
+    packed weights (the oracle: each prompt alone, cache off, same weights)."""
+    from radixkv import LLM, SamplingParams
+    from tests.test_engine import workload
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = workload()[:8]
+    off = LLM(str(tiny_llama_dir), quantization=mode, enable_prefix_cache=False,
+              max_total_tokens=4096)
+    assert off.lm.kernel_info()["quantized_linears"] > 0
+    oracle = [off.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    on = LLM(off.lm, max_total_tokens=4096)
+    assert [o.outputs[0].token_ids for o in on.generate(prompts, greedy)] == oracle
+    assert on.cache_stats()["cached_tokens"] > 0
+    tight = LLM(off.lm, max_total_tokens=160, max_running_requests=8)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, greedy)] == oracle
+    for llm in (off, on, tight):
+        llm.engine.check_no_leak()
+    with pytest.raises(ConfigError):
+        LLM(str(tiny_llama_dir), quantization="int3")
