@@ -32,7 +32,6 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 
 from radixkv.serving.launcher import ServerProcess  # noqa: E402
-from radixkv.serving.openai_protocol import supports_n  # noqa: E402
 from tests.model_fixtures import make_tiny_hf  # noqa: E402
 from tests.server_fixtures import chat_ids, hf_greedy, metrics, wait_idle  # noqa: E402
 
@@ -218,15 +217,7 @@ def test_async_stream_completion(server: ServerProcess) -> None:
 def test_n_two_choices(client: Any) -> None:
     kw = dict(model=NAME, messages=[user("pick a number")], max_tokens=8, n=2, temperature=1.0,
               seed=3, extra_body={"ignore_eos": True})
-    if not supports_n():
-        pytest.skip("SamplingParams has no `n` (issue #12)")
-    try:
-        resp = client.chat.completions.create(**kw)
-    except openai.BadRequestError as exc:
-        if exc.body.get("param") == "n" and exc.body.get("code") == "unsupported_parameter":
-            pytest.skip("the engine returns one sample per request until issue #12 implements "
-                        f"SamplingParams(n=k); the server answers 400: {exc.body['message']}")
-        raise
+    resp = client.chat.completions.create(**kw)  # two samples forked after one prefill
     assert sorted(c.index for c in resp.choices) == [0, 1]
     assert all(c.finish_reason == "length" for c in resp.choices)
     assert resp.usage.completion_tokens == 16

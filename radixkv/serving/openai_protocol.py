@@ -196,18 +196,10 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
 
 
 # ---- sampling params ---------------------------------------------------------------------------
-def supports_n() -> bool:
-    """Whether this build's SamplingParams has `n` (several choices per request)."""
-    return "n" in getattr(SamplingParams, "__dataclass_fields__", {})
-
-
 def requested_n(req: _SamplingRequest) -> int:
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must be in [1, {MAX_N}], got {n}", param="n")
-    if n > 1 and not supports_n():
-        raise bad_request("n > 1 is not supported by this radixkv build", param="n",
-                          code="unsupported_parameter")
     return n
 
 
@@ -255,9 +247,7 @@ def max_new_tokens(req: _SamplingRequest, prompt_len: int, limit: int) -> int:
 def to_sampling_params(req: _SamplingRequest, max_tokens: int, n: int,
                        logprobs: int | None) -> SamplingParams:
     """Map a request onto SamplingParams; invalid values -> 400."""
-    kw: dict[str, Any] = dict(max_tokens=max_tokens)
-    if n > 1:
-        kw["n"] = n
+    kw: dict[str, Any] = dict(max_tokens=max_tokens, n=n)  # n samples fork after one prefill
     for name in ("temperature", "top_p", "top_k", "min_p", "stop", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens",
                  "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output"):

@@ -238,12 +238,6 @@ class OpenAIServer:
         outputs = self._outputs(prompts, params, req.cache_salt, rid)
         try:
             first = await self._until_disconnect(request, anext_or_none(outputs))
-            if first is not None and len(first[1].outputs) < n:
-                # SamplingParams has `n` but this engine build returns fewer samples: say so
-                # rather than answer with fewer choices than asked for.
-                raise proto.bad_request(f"n = {n}: this engine build returns "
-                                        f"{len(first[1].outputs)} sample(s) per request",
-                                        param="n", code="unsupported_parameter")
         except BaseException as exc:
             await aclose_shielded(outputs)
             release()
