@@ -135,6 +135,9 @@ def test_health_models_and_unknown_route(server: ServerProcess, client: Any) -> 
     r = httpx.get(f"{server.url}/v1/nothing-here")
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param",
                                                                "code"}
+    for path in ("/server_info", "/get_server_info", "/model_info", "/get_model_info"):
+        info = httpx.get(f"{server.url}{path}").json()  # what sglang-router registers
+        assert info["served_model_name"] == NAME and info["is_generation"] is True
 
 
 def test_chat_greedy_matches_transformers(client: Any, hf: Any) -> None:

@@ -97,6 +97,11 @@ class OpenAIServer:
         app.add_api_route("/metrics", self.metrics_text, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/models/{model_id:path}", self.model_info, methods=["GET"])
+        # What sglang-router asks a worker when it registers it (it falls back from the first
+        # name of each pair to the second); the model id it then routes under is
+        # `served_model_name`, so requests through the router name a model this server accepts.
+        for path in ("/server_info", "/get_server_info", "/model_info", "/get_model_info"):
+            app.add_api_route(path, self.router_info, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         return app
@@ -178,6 +183,13 @@ class OpenAIServer:
         self._authorize(request)
         self._check_model(model_id)
         return JSONResponse(self._model_card())
+
+    async def router_info(self) -> JSONResponse:
+        """Worker metadata for routers (SGLang's field names). No tokenizer path is given: a
+        router would try to fetch it from a hub, and cache-aware routing works on text."""
+        return JSONResponse({"served_model_name": self.model_name,
+                             "is_generation": True, "max_total_num_tokens": self.llm.pool_size,
+                             "max_model_len": self.limit, "engine": "radixkv"})
 
     # ---- generation endpoints -----------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
