@@ -110,9 +110,12 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
 
 
-# Fields that do not change what is generated: accepted and ignored.
+# Fields that do not change what is generated: accepted and ignored. sglang-router adds
+# `separate_reasoning` / `stream_reasoning` (SGLang's reasoning-parser switches) to every request
+# it forwards; with no reasoning parser here they change nothing.
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
-                      "prompt_cache_key", "prompt_cache_retention"})
+                      "prompt_cache_key", "prompt_cache_retention", "separate_reasoning",
+                      "stream_reasoning"})
 
 
 def _unset(value: Any) -> bool:
