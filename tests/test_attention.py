@@ -228,7 +228,7 @@ def test_extend_of_one_token_equals_decode() -> None:
 def test_extend_mixes_fused_and_sdpa_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     # With a low threshold the big requests go to SDPA and the small ones to the fused kernel,
     # in one call writing one output.
-    monkeypatch.setattr(attention, "_EXTEND_SDPA_WORK", 20_000)
+    monkeypatch.setattr(attention.dispatch, "_EXTEND_SDPA_WORK", 20_000)
     shape = [(300, 200), (0, 3), (0, 260), (5, 2)]
     lay = fragmented_layout([p + n for p, n in shape], hkv=3, d=64, dtype=torch.float32, seed=8)
     qo = _qo_indptr([n for _, n in shape])

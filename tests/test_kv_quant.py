@@ -148,7 +148,7 @@ def test_pool_set_get_round_trip(name: str, fused: bool) -> None:
     try:
         pool.set_kv(1, slots, k, v)
     finally:
-        set_quant_store_hook(attention._cpu_quant_store)
+        set_quant_store_hook(attention.dispatch._cpu_quant_store)
     gk, gv = pool.get_kv(1, slots)
     for got, x in ((gk, k), (gv, v)):
         q, s = kv_quant.quantize(x, dt)
