@@ -18,14 +18,8 @@ cores) and needs the Python headers; this library only exchanges raw pointers an
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import platform
-import shutil
 import struct
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -33,22 +27,14 @@ import torch
 
 from radixkv.attention.validation import AttentionInputError
 from radixkv.errors import InvalidSlotError
+from radixkv.native_build import build_library
 
-_log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Quantized KV storage dtypes (radixkv.memory.kv_quant), shifted into bits 4..7 of the code.
 _KV_CODE = {torch.int8: 3}
 if getattr(torch, "float8_e4m3fn", None) is not None:
     _KV_CODE[torch.float8_e4m3fn] = 4
-# Flag sets tried in order; the first that compiles wins (-march=native may be unknown to a
-# cross compiler, OpenMP may be missing with clang).
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3"],
-)
-_COMMON = ["-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 
 # `struct Args` of paged_attention.cpp: 24 int64 fields (sizes, strides, data pointers, 0 for
@@ -66,59 +52,6 @@ _tried = False
 _vector_width = 8
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("RADIXKV_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "radixkv"
-
-
-def _cpu_fingerprint() -> str:
-    # -march=native code is only valid on a CPU with the same features: key the cache on them.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _find_compiler() -> str | None:
-    for cand in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def _compile(cxx: str, out_dir: Path) -> Path | None:
-    src = _SRC.read_bytes()
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags + _COMMON).encode(),
-                                         _cpu_fingerprint().encode()])).hexdigest()[:20]
-        target = out_dir / f"paged_attention_{key}.so"
-        if target.exists():
-            return target
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Build to a private name, then rename: concurrent first uses never see a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        try:
-            res = subprocess.run([cxx, *flags, *_COMMON, str(_SRC), "-o", tmp],
-                                 capture_output=True, text=True, timeout=600)
-            if res.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            _log.info("radixkv: %s %s failed:\n%s", cxx, " ".join(flags), res.stderr[-2000:])
-        except (OSError, subprocess.SubprocessError) as exc:
-            _log.info("radixkv: compiling the CPU attention kernels failed: %s", exc)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return None
-
-
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried, _vector_width
     with _lock:
@@ -127,25 +60,9 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("RADIXKV_CPU_KERNELS", "1") == "0":
             return None
-        cxx = _find_compiler()
-        if cxx is None or not _SRC.exists():
-            _log.warning("radixkv: no C++ compiler or kernel source; using torch attention on CPU")
-            return None
-        path = None
-        # An unwritable cache dir (read-only home) falls back to the temp dir.
-        for out_dir in (_cache_dir(), Path(tempfile.gettempdir()) / f"radixkv-{os.getuid()}"):
-            try:
-                path = _compile(cxx, out_dir)
-                break
-            except OSError as exc:
-                _log.info("radixkv: cannot build in %s: %s", out_dir, exc)
-        if path is None:
-            _log.warning("radixkv: could not build the CPU attention kernels; using torch")
-            return None
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            _log.warning("radixkv: could not load %s (%s); using torch attention", path, exc)
+        lib = build_library(_SRC, what="the CPU attention kernels",
+                            fallback="using torch attention on CPU")
+        if lib is None:
             return None
         for fn in (lib.rkv_decode, lib.rkv_extend):
             fn.argtypes = [ctypes.c_int64, ctypes.c_char_p]

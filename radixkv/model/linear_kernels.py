@@ -21,61 +21,24 @@ system C++ compiler, `-O3 -march=native -fopenmp`, cache under `$RADIXKV_CACHE_D
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
 import struct
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from radixkv.attention.cpu_kernels import _cache_dir, _cpu_fingerprint, _find_compiler
+from radixkv.native_build import build_library
 
-_log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("csrc") / "linear.cpp"
 _X_CODE = {torch.float32: 0, torch.bfloat16: 1}
 _W_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3"],
-)
-_COMMON = ["-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 # `struct Args` of linear.cpp: 13 int64 fields.
 _ARGS = struct.Struct("<13q")
 
 _lock = threading.Lock()
 _fn = None
 _tried = False
-
-
-def _compile(cxx: str, out_dir: Path) -> Path | None:
-    src = _SRC.read_bytes()
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags + _COMMON).encode(),
-                                         _cpu_fingerprint().encode()])).hexdigest()[:20]
-        target = out_dir / f"linear_{key}.so"
-        if target.exists():
-            return target
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # renamed once complete
-        os.close(fd)
-        try:
-            res = subprocess.run([cxx, *flags, *_COMMON, str(_SRC), "-o", tmp],
-                                 capture_output=True, text=True, timeout=600)
-            if res.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            _log.info("radixkv: %s %s failed:\n%s", cxx, " ".join(flags), res.stderr[-2000:])
-        except (OSError, subprocess.SubprocessError) as exc:
-            _log.info("radixkv: compiling the CPU linear kernels failed: %s", exc)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return None
 
 
 def _load():
@@ -86,24 +49,8 @@ def _load():
         _tried = True
         if os.environ.get("RADIXKV_LINEAR_KERNELS", "1") == "0":
             return None
-        cxx = _find_compiler()
-        if cxx is None or not _SRC.exists():
-            _log.warning("radixkv: no C++ compiler or kernel source; using torch linears")
-            return None
-        path = None
-        for out_dir in (_cache_dir(), Path(tempfile.gettempdir()) / f"radixkv-{os.getuid()}"):
-            try:
-                path = _compile(cxx, out_dir)
-                break
-            except OSError as exc:
-                _log.info("radixkv: cannot build in %s: %s", out_dir, exc)
-        if path is None:
-            _log.warning("radixkv: could not build the CPU linear kernels; using torch")
-            return None
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            _log.warning("radixkv: could not load %s (%s); using torch linears", path, exc)
+        lib = build_library(_SRC, what="the CPU linear kernels", fallback="using torch linears")
+        if lib is None:
             return None
         lib.rkv_linear.argtypes = [ctypes.c_char_p]
         lib.rkv_linear.restype = ctypes.c_int64

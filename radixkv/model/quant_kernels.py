@@ -10,59 +10,23 @@ use the pure torch reference (dequantize, then matmul); `RADIXKV_QUANT_KERNELS=0
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from radixkv.attention.cpu_kernels import _cache_dir, _cpu_fingerprint, _find_compiler
+from radixkv.native_build import build_library
 
 _log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("csrc") / "qgemv.cpp"
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3"],
-)
-_COMMON = ["-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 FORMATS = {"int4": 0, "int8": 1}  # the kernel's `fmt` codes
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _simd = False
-
-
-def _compile(cxx: str, out_dir: Path) -> Path | None:
-    src = _SRC.read_bytes()
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(flags + _COMMON).encode(),
-                                         _cpu_fingerprint().encode()])).hexdigest()[:20]
-        target = out_dir / f"qgemv_{key}.so"
-        if target.exists():
-            return target
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Build to a private name, then rename: concurrent first uses never see a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        try:
-            res = subprocess.run([cxx, *flags, *_COMMON, str(_SRC), "-o", tmp],
-                                 capture_output=True, text=True, timeout=600)
-            if res.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            _log.info("radixkv: %s %s failed:\n%s", cxx, " ".join(flags), res.stderr[-2000:])
-        except (OSError, subprocess.SubprocessError) as exc:
-            _log.info("radixkv: compiling the quantized kernels failed: %s", exc)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return None
 
 
 def _load() -> ctypes.CDLL | None:
@@ -73,24 +37,9 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("RADIXKV_QUANT_KERNELS", "1") == "0":
             return None
-        cxx = _find_compiler()
-        if cxx is None or not _SRC.exists():
-            _log.warning("radixkv: no C++ compiler or kernel source; quantized layers use torch")
-            return None
-        path = None
-        for out_dir in (_cache_dir(), Path(tempfile.gettempdir()) / f"radixkv-{os.getuid()}"):
-            try:
-                path = _compile(cxx, out_dir)
-                break
-            except OSError as exc:
-                _log.info("radixkv: cannot build in %s: %s", out_dir, exc)
-        if path is None:
-            _log.warning("radixkv: could not build the quantized kernels; using torch")
-            return None
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            _log.warning("radixkv: could not load %s (%s); quantized layers use torch", path, exc)
+        lib = build_library(_SRC, what="the quantized kernels",
+                            fallback="quantized layers use torch")
+        if lib is None:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.rkv_qgemm.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
