@@ -1,5 +1,6 @@
-"""The skinny CPU linear kernel (radixkv.model.linear_kernels) against a float64 product and
-torch's F.linear, and a model on its fast paths against the same model on the plain ones."""
+"""The CPU fast linear paths against a float64 product and torch's F.linear: the skinny kernel
+(radixkv.model.linear_kernels) and oneDNN-prepacked weights (radixkv.model.layers.Linear.pack);
+and a model on its fast paths against the same model on the plain ones."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from radixkv.model import linear_kernels, load_model
+from radixkv.model.layers import Linear, native_half_matmul, onednn_available
 from tests.model_fixtures import (  # noqa: F401  (fixtures)
     PagedRunner,
     default_lm,
@@ -20,6 +22,40 @@ from tests.model_fixtures import (  # noqa: F401  (fixtures)
 
 needs_kernels = pytest.mark.skipif(not linear_kernels.available(),
                                    reason="no C++ compiler: the linear kernels cannot build")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+def fast_path_in_use(lin: Linear) -> bool:
+    """The layer runs on a fast path: oneDNN-packed or the skinny kernel."""
+    return lin.packed is not None or lin.fast_max_rows > 0
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), [(0, 4, 8), (1, 7, 13), (1, 960, 576), (5, 9, 100),
+                                           (33, 40, 1536), (512, 24, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_float64(m: int, n: int, k: int, bias: bool,
+                                       dtype: torch.dtype) -> None:
+    """A packed Linear's product equals the exact one within one rounding of its dtype
+    (float32 accumulation), and unpack() gives back the very weight that was packed."""
+    if dtype != torch.float32 and not native_half_matmul(dtype):
+        pytest.skip("no native bf16 GEMM on this CPU: bf16 weights are not packed here")
+    torch.manual_seed(m * 1000 + n + k)
+    lin = Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
+    w = lin.weight.detach().clone()
+    x = torch.randn(m, k).to(dtype)
+    lin.pack()
+    assert lin.packed is not None and lin.weight.device.type == "meta"  # no dense copy kept
+    with torch.inference_mode():
+        got = lin(x)
+    ref = exact(x, w, None if lin.bias is None else lin.bias)
+    assert got.shape == (m, n) and got.dtype == dtype
+    step = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-6
+    bound = ref.abs() * step + 1e-4 * (x.double().abs() @ w.double().abs().T + 1)
+    assert ((got.double() - ref).abs() <= bound).all()
+    lin.unpack()
+    assert lin.packed is None and torch.equal(lin.weight, w)
 
 
 def exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -106,7 +142,7 @@ def fast_vs_plain(model: Any, config: Any, prompts: list[list[int]], steps: int,
 def test_tiny_model_fast_equals_plain(tmp_path: Path, arch: str) -> None:
     make_tiny_hf(tmp_path, arch)
     lm = load_model(str(tmp_path))
-    assert lm.model.layers[0].mlp.down_proj.fast_max_rows > 0  # the fast path is in use
+    assert fast_path_in_use(lm.model.layers[0].mlp.down_proj)
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46]]
     got, got_logits, ref, ref_logits = fast_vs_plain(lm.model, lm.config, prompts, 6,
                                                      torch.float32)
@@ -147,7 +183,7 @@ def test_default_model_fast_equals_plain_bf16() -> None:
     the decode logits agree to bf16 accuracy. Both runs are teacher-forced on the plain path's
     greedy tokens, so one near-tie cannot make the sequences diverge."""
     lm = load_model(None, dtype="bfloat16")
-    assert lm.model.layers[0].mlp.down_proj.fast_max_rows > 0
+    assert fast_path_in_use(lm.model.layers[0].mlp.down_proj)
     prompts = [lm.apply_chat_template([{"role": "user", "content": q}])
                for q in ("Name three rivers.", "What is a harbour?")]
     model = lm.model

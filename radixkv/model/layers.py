@@ -48,16 +48,63 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias)
 
 
+def onednn_available() -> bool:
+    """Whether torch's oneDNN (mkldnn) prepacked linear ops are usable on this CPU build."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A oneDNN-prepacked copy of weight [out, in] (an opaque mkldnn tensor: only
+    `onednn_linear` and `.to_dense()` read it). Packing once at load moves the layout work out
+    of every product: measured on a 2-core Zen (AVX-512 BF16), 30 layers of SmolLM2-135M
+    shapes, one thread, fp32: 20 ms at 1 row vs 32 ms for `F.linear`, 23 vs 63 ms at 8 rows,
+    54 vs 125 ms at 32, 0.67 vs 1.6 s at 512; bf16: 13 / 13 / 30 ms / 0.34 s (native bf16).
+    Limited to oneDNN's AVX2 code (ONEDNN_MAX_CPU_ISA=AVX2, MKL likewise) it still won at every
+    row count (24 vs 34 ms at 1 row, 33 vs 65 at 8, 1.15 vs 1.38 s at 512)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """x [M, in] @ W.T (+ bias) with W prepacked by `onednn_pack`; x in W's dtype."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose few-row products may run on the skinny CPU kernel and whose
-    half-precision products may run in float32 (see `linear`). Both limits are set per model
-    at load time by `LlamaForCausalLM.configure_cpu_kernels`; 0 / 0 is plain `F.linear`."""
+    """nn.Linear whose products may run on a oneDNN-prepacked weight, on the skinny CPU
+    kernel for few rows, or in float32 for half weights (see `linear`). The choice is made per
+    model at load time by `LlamaForCausalLM.configure_cpu_kernels`; the defaults (nothing
+    packed, 0 / 0) are plain `F.linear`, the reference path.
+
+    Packed, the dense weight is dropped (`weight` becomes a shape-only meta tensor, so memory
+    does not double) and `unpack()` restores it exactly."""
 
     upcast_min_rows: int = 0  # 0: never
     fast_max_rows: int = 0  # 0: never
+    packed: torch.Tensor | None = None  # oneDNN layout of the weight, or None
+
+    def pack(self) -> None:
+        """Replace the dense weight with its oneDNN-prepacked form (CPU only)."""
+        if self.packed is not None:
+            return
+        w = self.weight.detach()
+        self.packed = onednn_pack(w)
+        self.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"),
+                                   requires_grad=False)
+
+    def unpack(self) -> None:
+        """Back to the dense weight (bit-identical to the one packed)."""
+        if self.packed is None:
+            return
+        self.weight = nn.Parameter(self.packed.to_dense(), requires_grad=False)
+        self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, in] -> [M, out]
-        if 1 < x.shape[0] <= self.fast_max_rows:  # checked first: the decode hot path
+        if self.packed is not None:  # checked first: the CPU hot path
+            return onednn_linear(x, self.packed, self.bias)
+        if 1 < x.shape[0] <= self.fast_max_rows:
             return linear_kernels.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias, self.upcast_min_rows)
 

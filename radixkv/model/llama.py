@@ -7,6 +7,7 @@ through `radixkv.attention.decode` / `extend`, so a cached prefix is used in pla
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,9 @@ from radixkv.model.layers import (
     apply_rotary,
     linear,
     native_half_matmul,
+    onednn_available,
+    onednn_linear,
+    onednn_pack,
 )
 from radixkv.model.quant import QuantEmbedding, QuantLinear, QuantTensor, Segment
 
@@ -114,31 +118,54 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.lm_head_upcast_rows = 0  # see configure_cpu_kernels
         self.lm_head_fast_rows = 0
+        self.lm_head_packed: torch.Tensor | None = None  # oneDNN layout of the LM head
+        self.cpu_kernel = "torch F.linear"  # what configure_cpu_kernels chose, for reports
         self.quant_head: QuantLinear | None = None  # the LM head when its weight is quantized
 
     def configure_cpu_kernels(self, fast: bool = True) -> None:
         """Pick the CPU product paths for this model's dtype and this CPU (called at load).
 
-        - Few-row products (decode) on the skinny kernel of `linear_kernels`, up to
-          `choose_max_rows` rows, when it builds here and `fast` (False: the plain reference
-          paths only, as tests compare against).
+        - With torch's oneDNN (x86 CPU builds) and `fast`: every float linear and the LM head
+          run on oneDNN-prepacked weights, at every row count, for float32, and for bf16 /
+          fp16 where the CPU has native half GEMMs (measured faster than `F.linear` at 1 to
+          512 rows, see `layers.onednn_pack`). The tied LM head gets its own packed copy (the
+          embedding table stays dense for lookups). `RADIXKV_ONEDNN=0` turns this off.
+        - Otherwise few-row products (decode) on the skinny kernel of `linear_kernels`, up to
+          `choose_max_rows` rows, when it builds here and `fast`.
         - On a CPU without native half GEMMs, bf16 / fp16 products of more rows in float32
           (measured on AVX2: bf16 GEMM ~8x slower than fp32 at 512 rows). The layer weights
           are upcast from 4 rows on; the vocab-sized LM head only from 64, as converting it
           costs as much as ~30 rows of native product.
+
+        `fast=False` restores the plain reference paths (dense weights, `F.linear`), which
+        tests compare against.
         """
         p = self.norm.weight  # (the embedding may be a quantized table)
+        cpu = p.device.type == "cpu"
         half = p.dtype in (torch.bfloat16, torch.float16)
         native = native_half_matmul(p.dtype) if half else True
-        upcast = p.device.type == "cpu" and half and not native
+        upcast = cpu and half and not native
+        packed = (fast and cpu and native and onednn_available()
+                  and os.environ.get("RADIXKV_ONEDNN", "1") != "0")
         fast_rows = (linear_kernels.choose_max_rows(p.dtype, native)
-                     if fast and p.device.type == "cpu" else 0)
+                     if fast and cpu and not packed else 0)
         for m in self.modules():
             if isinstance(m, Linear):
+                if packed:
+                    m.pack()
+                else:
+                    m.unpack()
                 m.upcast_min_rows = 4 if upcast else 0
                 m.fast_max_rows = fast_rows
         self.lm_head_upcast_rows = 64 if upcast else 0
         self.lm_head_fast_rows = fast_rows
+        self.lm_head_packed = None
+        if packed and self.quant_head is None:
+            head = self.embed_tokens if self.lm_head is None else self.lm_head
+            self.lm_head_packed = onednn_pack(head.weight)
+        self.cpu_kernel = ("oneDNN prepacked" if packed
+                           else f"skinny C++ kernel for 2-{fast_rows} rows, else torch"
+                           if fast_rows else "torch F.linear")
 
     def configure_half_matmul(self) -> None:
         """Former name of `configure_cpu_kernels` (kept for callers)."""
@@ -157,6 +184,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.norm(x[ctx.logits_indices])  # [M, H]
         if self.quant_head is not None:
             return self.quant_head(x).float()  # [M, vocab]
+        if self.lm_head_packed is not None:
+            return onednn_linear(x, self.lm_head_packed, None).float()  # [M, vocab]
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(x, weight, None, self.lm_head_upcast_rows,
                       self.lm_head_fast_rows).float()  # [M, vocab]

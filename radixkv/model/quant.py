@@ -413,6 +413,10 @@ def weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += t.untyped_storage().nbytes()
+    # oneDNN-prepacked weights (layers.Linear.packed, the LM head's copy) have no storage view.
+    packed = [getattr(m, "packed", None) for m in model.modules()]
+    packed.append(getattr(model, "lm_head_packed", None))
+    total += sum(t.numel() * t.element_size() for t in packed if t is not None)
     return total
 
 
@@ -434,6 +438,7 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
         "quantized_linears": len(linears),
         "quantized_formats": formats,
         "embedding": f"{emb[0].fmt} ({emb[0].source})" if emb else "float",
+        "float_linear_kernel": getattr(model, "cpu_kernel", "torch F.linear"),
     }
     if linears:
         ready = quant_kernels.available()
