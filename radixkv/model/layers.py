@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixkv.model import linear_kernels
+from radixkv.model import linear_kernels, norm_kernels
 from radixkv.model.config import ModelConfig, rope_inv_freq
 
 
@@ -111,14 +111,27 @@ class Linear(nn.Linear):
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), normalised in float32 then cast back to x's dtype
-    before the weight is applied (the order Hugging Face uses, so bf16 results agree too)."""
+    before the weight is applied (the order Hugging Face uses, so bf16 results agree too).
+
+    `forward(x, delta)` first adds the residual branch in place (x += delta) and normalises the
+    sum: one pass instead of two. CPU float32 / bf16 rows run on the fused kernel of
+    `norm_kernels` when it builds (`fused = False`: the torch reference)."""
+
+    fused: bool = True
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None
+                ) -> torch.Tensor:  # [N, H] (+ [N, H]) -> [N, H]
+        if self.fused and norm_kernels.supports(x, self.weight) and (
+                delta is None or (delta.dtype == x.dtype and delta.stride(-1) == 1
+                                  and delta.shape == x.shape)):
+            return norm_kernels.rms_norm(x, self.weight, self.eps, delta)
+        if delta is not None:
+            x += delta
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()

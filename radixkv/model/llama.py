@@ -90,8 +90,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:  # [N, H] -> [N, H]
         # In place: x is the model's own running hidden state, never a caller's tensor.
-        x += self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        x += self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        x += self.mlp(self.post_attention_layernorm(x, a))  # (x += a inside the norm)
         return x
 
 
@@ -137,8 +137,11 @@ class LlamaForCausalLM(nn.Module):
           are upcast from 4 rows on; the vocab-sized LM head only from 64, as converting it
           costs as much as ~30 rows of native product.
 
-        `fast=False` restores the plain reference paths (dense weights, `F.linear`), which
-        tests compare against.
+        - RMSNorm rows (and the residual add before the second norm of a layer) on the fused
+          kernel of `norm_kernels` where it builds.
+
+        `fast=False` restores the plain reference paths (dense weights, `F.linear`, torch's
+        RMSNorm), which tests compare against.
         """
         p = self.norm.weight  # (the embedding may be a quantized table)
         cpu = p.device.type == "cpu"
@@ -150,6 +153,8 @@ class LlamaForCausalLM(nn.Module):
         fast_rows = (linear_kernels.choose_max_rows(p.dtype, native)
                      if fast and cpu and not packed else 0)
         for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fused = fast  # the one-pass kernel of norm_kernels (CPU only)
             if isinstance(m, Linear):
                 if packed:
                     m.pack()
