@@ -14,6 +14,7 @@ and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -454,6 +455,11 @@ def run_server(llm: Any, config: ServerConfig, host: str, port: int,
     cfg = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
                          timeout_graceful_shutdown=5, lifespan="on")
     srv = _Server(cfg)
+    # This process exists to serve one model: what is loaded now lives until exit, so it is
+    # moved out of the collector's reach and the engine loop's collections scan only new
+    # objects (py-spy, batch-1 decode: 3% of the time was in gc scanning the model's objects).
+    gc.collect()
+    gc.freeze()
     try:
         asyncio.run(srv.serve())
     finally:
