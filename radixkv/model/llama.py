@@ -16,7 +16,7 @@ from torch import nn
 
 import radixkv.attention as attention
 from radixkv.errors import ModelLoadError
-from radixkv.model import linear_kernels
+from radixkv.model import linear_kernels, rope_kernels
 from radixkv.model.config import ModelConfig
 from radixkv.model.context import ForwardContext, get_forward_context
 from radixkv.model.layers import (
@@ -51,13 +51,18 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, qkv_width, bias=config.attention_bias)
         self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size,
                              bias=config.o_proj_bias)
+        self.fused_rope = True  # the in-place kernel of rope_kernels (CPU); False: torch
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:  # x [N, H] -> [N, H]
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) * D]
         # q and k are rotated together: one elementwise pass instead of two.
-        qk = apply_rotary(qkv[:, :self.qk_width].view(n, -1, self.head_dim), cos, sin)
+        qk = qkv[:, :self.qk_width].view(n, -1, self.head_dim)  # [N, Hq + Hkv, D], a view
+        if self.fused_rope and rope_kernels.supports(qk, cos):
+            rope_kernels.rotate_(qk, cos, sin)  # in place: qkv is this call's temporary
+        else:
+            qk = apply_rotary(qk, cos, sin)
         q = qk[:, :self.num_heads]  # [N, Hq, D]
         k = qk[:, self.num_heads:]  # [N, Hkv, D]
         v = qkv[:, self.qk_width:].view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
@@ -138,7 +143,8 @@ class LlamaForCausalLM(nn.Module):
           costs as much as ~30 rows of native product.
 
         - RMSNorm rows (and the residual add before the second norm of a layer) on the fused
-          kernel of `norm_kernels` where it builds.
+          kernel of `norm_kernels`, the rotary embedding in place on `rope_kernels`, where
+          they build.
 
         `fast=False` restores the plain reference paths (dense weights, `F.linear`, torch's
         RMSNorm), which tests compare against.
@@ -155,6 +161,8 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.fused = fast  # the one-pass kernel of norm_kernels (CPU only)
+            if isinstance(m, LlamaAttention):
+                m.fused_rope = fast  # the in-place kernel of rope_kernels (CPU only)
             if isinstance(m, Linear):
                 if packed:
                     m.pack()
