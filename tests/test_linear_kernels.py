@@ -196,3 +196,22 @@ def test_default_model_fast_equals_plain_bf16() -> None:
     scale = ref.abs().amax()
     assert (got - ref).abs().max() <= 0.05 * scale
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+@needs_onednn
+def test_packed_model_fingerprint_and_weight_bytes_match_plain(tmp_path: Path) -> None:
+    """A shared KV tier keys pages by the weights' fingerprint: a process with packed weights
+    and one without must agree. The packed model also reports its weight bytes (the packed
+    tensors are not parameters)."""
+    from radixkv.memory.tiers.keys import weights_fingerprint
+    from radixkv.model.quant import weight_bytes
+
+    make_tiny_hf(tmp_path, "llama")
+    lm = load_model(str(tmp_path))
+    lin = lm.model.layers[0].mlp.down_proj
+    assert lin.packed is not None  # float32 is packed wherever oneDNN is
+    packed_fp, packed_bytes = weights_fingerprint(lm.model), weight_bytes(lm.model)
+    lm.model.configure_cpu_kernels(fast=False)
+    assert lin.packed is None
+    assert weights_fingerprint(lm.model) == packed_fp
+    assert packed_bytes >= weight_bytes(lm.model) * 0.99

@@ -22,8 +22,14 @@ def weights_fingerprint(model: torch.nn.Module) -> bytes:
     """xxh128 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
     h = xxhash.xxh3_128()
     state = model.state_dict()
+    # A module may keep its weight only in a kernel's packed layout (`packed`, an opaque tensor
+    # with `to_dense()`; `weight` is then a shape-only meta tensor): the dense values are hashed,
+    # so processes with and without packing (other CPUs, other builds) agree.
+    packed = {f"{prefix}.weight" if prefix else "weight": mod.packed
+              for prefix, mod in model.named_modules()
+              if getattr(mod, "packed", None) is not None}
     for name in sorted(state):
-        t = state[name].detach()
+        t = packed[name].to_dense() if name in packed else state[name].detach()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.digest()
