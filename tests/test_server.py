@@ -39,7 +39,8 @@ CONTEXT = 8192  # the tiny model's context, raised so long streams fit
 NAME = "tiny-llama"
 KEY = "sekrit-key"
 GUARDED_POOL = 4096  # < CONTEXT: the pool is the binding limit there
-DRAIN_S = 5  # the guarded server's --shutdown-timeout
+DRAIN_S = 1.5  # the guarded server's --shutdown-timeout: short enough that the long request
+# (~4,000 tokens, one engine step each) cannot finish inside it on any machine
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
