@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixkv.model import activation_kernels, linear_kernels, norm_kernels
+from radixkv.model import linear_kernels, norm_kernels
 from radixkv.model.config import ModelConfig, rope_inv_freq
 
 
@@ -198,12 +198,8 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    fused: bool = True  # silu(gate) * up on activation_kernels (CPU); False: torch
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
         gate_up = self.gate_up_proj(x)  # [N, 2I]
-        if self.fused and activation_kernels.supports(gate_up):
-            return self.down_proj(activation_kernels.silu_mul(gate_up))  # [N, I] contiguous
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         # In place: gate_up is a temporary of this call (inference only, no autograd).
         act = F.silu(gate, inplace=True).mul_(up)  # [N, I], a strided view of gate_up
