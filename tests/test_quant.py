@@ -66,20 +66,56 @@ def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
     w = qt.dequantize()
     np.testing.assert_array_equal(qk.dequantize(fmt, qt.qs, qt.scales, k).numpy(), w.numpy())
     bias = torch.randn(n, generator=gen)
-    for m in (0, 1, 2, 3, 7, 8, 9, 17, 70):
+    np.testing.assert_array_equal(  # C++ rounding to bf16 == torch's (nearest even)
+        qk.dequantize(fmt, qt.qs, qt.scales, k, dtype=torch.bfloat16).view(torch.int16).numpy(),
+        w.bfloat16().view(torch.int16).numpy())
+    big = 1 << 30
+    paths = {"packed-gemv": dict(gemv_max_rows=big, blocked_min_rows=big),
+             "packed-blocked": dict(gemv_max_rows=big, blocked_min_rows=0),
+             "widen+gemm-float32": dict(gemv_max_rows=0, gemm_dtype=torch.float32)}
+    for m in (0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 70):
         x = torch.randn(m, k, generator=gen)
         ref = F.linear(x, w, bias)
-        # the GEMV into a column slice of a wider output (as fused layers write)
-        wide = torch.full((m, n + 5), 7.0)
-        qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n])
-        close(wide[:, 2:2 + n], ref)
-        assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
-        for rows in (1, 1 << 30):  # widened tiles (every M) / packed GEMV (every M)
-            layer = QuantLinear([qt], bias, gemv_max_rows=rows)
+        for blocked in (False, True):
+            # into a column slice of a wider output (as fused layers write)
+            wide = torch.full((m, n + 5), 7.0)
+            qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n], blocked)
+            close(wide[:, 2:2 + n], ref)
+            assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
+        xs = torch.randn(2 * m, k, generator=gen)[::2]  # every other row of a bigger tensor
+        for name, kw in paths.items():
+            layer = QuantLinear([qt], bias, **kw)
+            assert layer.kernel_for(m) == name
             close(layer(x), ref)
-        # a strided x (every other row of a bigger tensor)
-        xs = torch.randn(2 * m, k, generator=gen)[::2]
-        close(QuantLinear([qt])(xs), F.linear(xs, w))
+            close(layer(xs), F.linear(xs, w, bias))
+        # bf16 GEMM (the prefill path on CPUs with native bf16): within bf16 tolerance
+        layer = QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16)
+        bf16_close(layer(x), ref, x, w)
+
+
+def bf16_close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Rounding x and W to bf16 (8-bit mantissa) and the product back: error bounded by
+    ~3 * 2^-8 of sum |x| |w| per output."""
+    bound = 3 * 2.0 ** -8 * (x.abs() @ w.abs().T) + 1e-6
+    assert out.dtype == ref.dtype and ((out - ref).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_lm_head_tiles_and_whole_widening(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight past WIDEN_MAX_ELEMS goes tile by tile (uneven last tile), in both GEMM dtypes."""
+    import radixkv.model.quant as quant
+
+    monkeypatch.setattr(quant, "WIDEN_MAX_ELEMS", 64 * 64)
+    monkeypatch.setattr(quant, "TILE_ELEMS", 23 * 64)  # tiles of 23 rows
+    gen = torch.Generator().manual_seed(5)
+    qt = random_quant(fmt, 100, 64, gen)
+    w, bias = qt.dequantize(), torch.randn(100, generator=gen)
+    x = torch.randn(70, 64, generator=gen)
+    close(QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.float32)(x),
+          F.linear(x, w, bias))
+    bf16_close(QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16)(x),
+               F.linear(x, w, bias), x, w)
 
 
 @needs_kernels
@@ -88,11 +124,14 @@ def test_mixed_segments_and_half_activations() -> None:
     gen = torch.Generator().manual_seed(3)
     a, b = random_quant("int4", 24, 64, gen), random_quant("int8", 10, 64, gen)
     f = torch.randn(6, 64, generator=gen)
-    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen))
+    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen), gemm_dtype=torch.float32)
     w = torch.cat([a.dequantize(), b.dequantize(), f])
-    for m in (1, 5, 100):
+    for m in (1, 5, 9, 40, 100):
         x = torch.randn(m, 64, generator=gen)
         close(layer(x), F.linear(x, w, layer.bias))
+    layer16 = QuantLinear([a, b, f], layer.bias, gemm_dtype=torch.bfloat16)
+    x = torch.randn(100, 64, generator=gen)
+    bf16_close(layer16(x), F.linear(x, w, layer.bias), x, w)
     xb = torch.randn(4, 64, generator=gen).bfloat16()
     out = layer(xb)
     assert out.dtype == torch.bfloat16
@@ -102,11 +141,20 @@ def test_mixed_segments_and_half_activations() -> None:
 
 @needs_kernels
 def test_kernel_choice_by_shape() -> None:
+    import radixkv.model.quant as quant
+
     qt = random_quant("int4", 8, 32, torch.Generator().manual_seed(0))
-    layer = QuantLinear([qt], gemv_max_rows=16)
-    assert [layer.kernel_for(m) for m in (1, 15, 16, 512)] == [
-        "packed-gemv", "packed-gemv", "widen-tile+gemm", "widen-tile+gemm"]
+    layer = QuantLinear([qt], gemv_max_rows=16, blocked_min_rows=4, gemm_dtype=torch.float32)
+    assert [layer.kernel_for(m) for m in (1, 3, 4, 15, 16, 512)] == [
+        "packed-gemv", "packed-gemv", "packed-blocked", "packed-blocked",
+        "widen+gemm-float32", "widen+gemm-float32"]
     assert layer.kernel_for(1, torch.device("meta")) == "reference"
+    # the defaults: the measured limits, bf16 GEMMs exactly where the CPU has native bf16
+    d = QuantLinear([qt])
+    assert d.gemv_max_rows == quant.GEMV_MAX_ROWS
+    assert d.blocked_min_rows == quant.blocked_min_rows_for(8, 32)
+    assert d.kernel_for(quant.GEMV_MAX_ROWS) == "widen+gemm-" + (
+        "bfloat16" if quant.native_half_matmul(torch.bfloat16) else "float32")
 
 
 def test_torch_fallback_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,8 +182,11 @@ def test_gguf_blocks_match_gguf_dequantize(name: str) -> None:
     # Q4_1's d * q + m rounds twice in numpy and may differ from the reference by an ulp
     np.testing.assert_allclose(qt.dequantize().numpy(), want, rtol=0, atol=1e-6)
     if qk.available():
-        x = torch.randn(5, 128)
-        close(QuantLinear([qt])(x), x @ torch.from_numpy(want).T)
+        wt = torch.from_numpy(want)
+        for m in (1, 5, 40, 100):  # row kernel, blocked kernel, widened GEMM
+            x = torch.randn(m, 128)
+            close(QuantLinear([qt], gemm_dtype=torch.float32)(x), x @ wt.T)
+            bf16_close(QuantLinear([qt], gemm_dtype=torch.bfloat16)(x), x @ wt.T, x, wt)
     assert from_gguf_blocks(np.zeros(8, np.uint8), "F16", (2, 2)) is None
 
 

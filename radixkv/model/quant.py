@@ -27,6 +27,7 @@ from torch import nn
 
 from radixkv.errors import ConfigError
 from radixkv.model import quant_kernels
+from radixkv.model.layers import native_half_matmul
 
 GROUP = 32
 QUANTIZATION_MODES = ("int4", "int8", "gguf")
@@ -54,6 +55,27 @@ GEMV_MAX_ROWS = 64
 # Widened tiles of at most this many floats (4 MiB): large enough for the GEMM to run at speed,
 # small enough that no float32 copy of a whole weight ever exists.
 TILE_ELEMS = 1 << 20
+# Weights of at most this many elements (16 MiB as float32) are widened whole for M >=
+# gemv_max_rows (see QuantLinear._widened); larger ones (the LM head) go tile by tile.
+WIDEN_MAX_ELEMS = 1 << 22
+BLOCKED_MIN_ROWS = 8
+
+
+def blocked_min_rows_for(n: int, k: int) -> int:
+    """From how many rows of x a [n, k] weight takes the blocked kernel (see the table)."""
+    return BLOCKED_MIN_ROWS
+
+
+_gemm_dtype: torch.dtype | None = None
+
+
+def default_gemm_dtype() -> torch.dtype:
+    """bfloat16 where this CPU has native bf16 GEMMs (AVX512-BF16 / AMX), else float32: the
+    dtype prefill-sized products run in after widening (activations rounded to it too)."""
+    global _gemm_dtype
+    if _gemm_dtype is None:
+        _gemm_dtype = torch.bfloat16 if native_half_matmul(torch.bfloat16) else torch.float32
+    return _gemm_dtype
 
 
 def validate_quantization(value: object, config: Any = None, kind: str | None = None
@@ -204,11 +226,13 @@ def relative_error(w: torch.Tensor, qt: QuantTensor) -> float:
 _scratch = threading.local()
 
 
-def _tile_buffer(numel: int) -> torch.Tensor:
-    """A reused float32 buffer of at least `numel` elements (one per thread)."""
-    buf = getattr(_scratch, "buf", None)
+def _tile_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused buffer of at least `numel` elements of `dtype` (one per thread and dtype)."""
+    key = f"buf_{str(dtype).replace('torch.', '')}"
+    buf = getattr(_scratch, key, None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, key, buf)
     return buf[:numel]
 
 
@@ -219,15 +243,19 @@ class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W stored as row segments, each packed (int4 / int8) or float32 (a
     fused q/k/v whose parts a GGUF stores in different types).
 
-    The kernel is picked by the rows M of x at run time: M < `gemv_max_rows` runs the packed
-    C++ kernel (weights widened in registers, nothing widened in memory); larger M widens tiles
-    of at most TILE_ELEMS weights into a reused buffer and runs torch's float32 GEMM on them.
-    Activations are float32 (the C++ kernels take float32; bf16 / fp16 inputs are upcast and the
-    result rounded back). Without the compiled kernels, every M uses the torch reference.
+    The kernel is picked by the rows M of x at run time (see `kernel_for`; the limits are
+    measured, module constants): M < `blocked_min_rows` runs the packed C++ row kernel, M <
+    `gemv_max_rows` the packed blocked kernel (both widen weights in registers / L1 only);
+    larger M widens the weight (whole, or tile by tile for the vocab-sized LM head) into a reused
+    buffer and runs torch's GEMM on it, in bfloat16 where the CPU has native bf16 GEMMs
+    (`gemm_dtype`), else float32. The packed kernels take float32 activations (bf16 / fp16
+    inputs are upcast and the result rounded back). Without the compiled kernels, every M uses
+    the torch reference (dequantize, then float32 matmul).
     """
 
     def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
-                 gemv_max_rows: int = GEMV_MAX_ROWS) -> None:
+                 gemv_max_rows: int = GEMV_MAX_ROWS, blocked_min_rows: int | None = None,
+                 gemm_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         ks = {s.shape[1] for s in segments}
         if len(ks) != 1:
@@ -235,6 +263,9 @@ class QuantLinear(nn.Module):
         self.in_features = ks.pop()
         self.out_features = sum(s.shape[0] for s in segments)
         self.gemv_max_rows = gemv_max_rows
+        self.blocked_min_rows = (blocked_min_rows if blocked_min_rows is not None
+                                 else blocked_min_rows_for(self.out_features, self.in_features))
+        self.gemm_dtype = gemm_dtype if gemm_dtype is not None else default_gemm_dtype()
         self.formats: list[str] = []
         self.sources: list[str] = []
         self._rows: list[int] = []
@@ -271,54 +302,79 @@ class QuantLinear(nn.Module):
                            getattr(self, f"scales{i}"), self.sources[i])
 
     def kernel_for(self, m: int, device: torch.device | None = None) -> str:
-        """Which path a product with `m` rows takes: "packed-gemv", "widen-tile+gemm" or
-        "reference" (no compiled kernels, or not on the CPU)."""
+        """Which path a product with `m` rows takes: "packed-gemv" (the row kernel),
+        "packed-blocked", "widen+gemm-float32" / "widen+gemm-bfloat16", or "reference" (no
+        compiled kernels, or not on the CPU)."""
         dev = device if device is not None else next(iter(self.buffers())).device
         if dev.type != "cpu" or not quant_kernels.available():
             return "reference"
-        return "packed-gemv" if m < self.gemv_max_rows else "widen-tile+gemm"
+        if m < self.gemv_max_rows:
+            return "packed-gemv" if m < self.blocked_min_rows else "packed-blocked"
+        return f"widen+gemm-{str(self.gemm_dtype).replace('torch.', '')}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
         m = x.shape[0]
-        x32 = x if x.dtype == torch.float32 else x.float()
-        if x32.stride(-1) != 1:
-            x32 = x32.contiguous()
         segs = self.segments()
         if x.device.type != "cpu" or not quant_kernels.available():
             w = torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize() for s in segs])
-            return F.linear(x32, w, self.bias).to(x.dtype)
+            return F.linear(x.float(), w, self.bias).to(x.dtype)
+        if m >= self.gemv_max_rows:
+            return self._gemm(x, segs)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        if x32.stride(-1) != 1:
+            x32 = x32.contiguous()
         out = torch.empty(m, self.out_features, dtype=torch.float32)
-        gemv = m < self.gemv_max_rows
-        if gemv and len(segs) == 1 and isinstance(segs[0], QuantTensor):  # the decode case
-            seg = segs[0]
-            if m:
-                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, self.bias, out)
-            return out if x.dtype == torch.float32 else out.to(x.dtype)
-        if m == 0:
-            return out.to(x.dtype)
-        off = 0
-        for seg, rows in zip(segs, self._rows, strict=True):
-            dst = out[:, off:off + rows]
-            bias = None if self.bias is None else self.bias[off:off + rows]
-            if isinstance(seg, torch.Tensor):
-                dst.copy_(F.linear(x32, seg, bias))
-            elif gemv:
-                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst)
-            else:
-                self._tiled(x32, seg, bias, dst)
-            off += rows
+        blocked = m >= self.blocked_min_rows
+        if m:
+            off = 0
+            for seg, rows in zip(segs, self._rows, strict=True):
+                dst = out if len(segs) == 1 else out[:, off:off + rows]
+                bias = (None if self.bias is None
+                        else self.bias if len(segs) == 1 else self.bias[off:off + rows])
+                if isinstance(seg, torch.Tensor):
+                    dst.copy_(F.linear(x32, seg, bias))
+                else:
+                    quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked)
+                off += rows
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-    def _tiled(self, x32: torch.Tensor, seg: QuantTensor, bias: torch.Tensor | None,
-               dst: torch.Tensor) -> None:
-        n, k = seg.shape
-        step = max(1, TILE_ELEMS // k)
+    def _gemm(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """Prefill-sized products: the weight widened to `gemm_dtype` into the per-thread
+        scratch buffer (whole when it has at most WIDEN_MAX_ELEMS elements, else tile by tile),
+        one torch GEMM per widened piece; the bias is added in float32."""
+        dt = self.gemm_dtype
+        xg = x if x.dtype == dt else x.to(dt)
+        if xg.stride(-1) != 1:
+            xg = xg.contiguous()
+        n, k = self.out_features, self.in_features
+        step = n if n * k <= WIDEN_MAX_ELEMS else max(1, TILE_ELEMS // k)
+        out = torch.empty(x.shape[0], n, dtype=torch.float32)
         for a in range(0, n, step):
             b = min(n, a + step)
-            tile = _tile_buffer((b - a) * k).view(b - a, k)
-            quant_kernels.dequantize(seg.fmt, seg.qs[a:b], seg.scales[a:b], k, out=tile)
-            part = F.linear(x32, tile, None if bias is None else bias[a:b])  # [M, b - a]
-            dst[:, a:b].copy_(part)
+            w = _tile_buffer((b - a) * k, dt).view(b - a, k)
+            self._widen_rows(segs, a, b, w)
+            if dt == torch.float32 and step == n:
+                torch.mm(xg, w.t(), out=out)  # straight into the result
+            else:
+                out[:, a:b] = torch.mm(xg, w.t())
+        if self.bias is not None:
+            out += self.bias
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _widen_rows(self, segs: list[Segment], a: int, b: int, w: torch.Tensor) -> None:
+        """Rows a .. b of the whole weight widened into `w` [b - a, K] (w's dtype)."""
+        off = 0
+        for seg, rows in zip(segs, self._rows, strict=True):
+            lo, hi = max(a, off), min(b, off + rows)
+            if lo < hi:
+                dst = w[lo - a:hi - a]
+                if isinstance(seg, torch.Tensor):
+                    dst.copy_(seg[lo - off:hi - off])
+                else:
+                    quant_kernels.dequantize(seg.fmt, seg.qs[lo - off:hi - off],
+                                             seg.scales[lo - off:hi - off], self.in_features,
+                                             out=dst)
+            off += rows
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
