@@ -151,10 +151,17 @@ def test_kernel_choice_by_shape() -> None:
     assert layer.kernel_for(1, torch.device("meta")) == "reference"
     # the defaults: the measured limits, bf16 GEMMs exactly where the CPU has native bf16
     d = QuantLinear([qt])
-    assert d.gemv_max_rows == quant.GEMV_MAX_ROWS
-    assert d.blocked_min_rows == quant.blocked_min_rows_for(8, 32)
-    assert d.kernel_for(quant.GEMV_MAX_ROWS) == "widen+gemm-" + (
-        "bfloat16" if quant.native_half_matmul(torch.bfloat16) else "float32")
+    native = quant.native_half_matmul(torch.bfloat16)
+    assert d.gemm_dtype == (torch.bfloat16 if native else torch.float32)
+    assert d.gemv_max_rows == quant.gemv_max_rows_for(d.gemm_dtype)
+    assert d.blocked_min_rows == quant.BLOCKED_MIN_ROWS < d.gemv_max_rows
+    assert d.kernel_for(1) == "packed-gemv"
+    assert d.kernel_for(quant.BLOCKED_MIN_ROWS) == "packed-blocked"
+    if native:
+        assert d.kernel_for(quant.GEMV_MAX_ROWS_BF16) == "widen+gemm-bfloat16"
+    # without native bf16: the blocked kernel up to any M with AVX-512, fp32 GEMM from 64 else
+    f32 = QuantLinear([qt], gemm_dtype=torch.float32)
+    assert f32.gemv_max_rows == (1 << 62 if qk.width() >= 16 else quant.GEMV_MAX_ROWS_AVX2)
 
 
 def test_torch_fallback_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

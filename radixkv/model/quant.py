@@ -32,38 +32,59 @@ from radixkv.model.layers import native_half_matmul
 GROUP = 32
 QUANTIZATION_MODES = ("int4", "int8", "gguf")
 
-# Kernel choice by the number of rows M of x (tokens in the forward). Measured with
-# `bench/quant_kernels.py --threads 1` on this repo's 2-core AMD EPYC (Zen 3: AVX2 + FMA + F16C,
-# no AVX-512), shared with other jobs (load average ~21, so 1-thread best-of-9 figures are the
-# stable ones), int4 weights, ms per product:
+# Kernel choice by the number of rows M of x (tokens in the forward), measured with
+# `bench/quant_kernels.py --threads 2` (best of 5-7, paths interleaved) on this repo's 2-core
+# AMD EPYC with AVX-512 + AVX512-BF16 (the kernels built with their 16-float vectors; torch's
+# bf16 GEMM native), load average ~2, ms per product:
 #
-#   shape     path              M=1    8      16     32     64
-#   960x576   packed GEMV       0.103  0.408  0.753  1.471  2.797
-#             widen tiles+GEMM  0.184  0.736  1.076  1.766  2.191
-#             fp32 F.linear     0.078  0.498  0.718  1.224  2.093   (weight cache-resident)
-#   3072x576  packed GEMV       0.347  0.846  1.822
-#             widen tiles+GEMM  0.809  (noise) 2.653
-#             fp32 F.linear     0.876  2.642  (noise)
+#   shape (int4)  path                  M=1    8      16     24     32     64     128    512
+#   960x576       rows (packed)         0.020  0.044  0.084  0.242  0.326  0.714  1.416  6.670
+#                 blocked (packed)      0.025  0.067  0.118  0.150  0.119  0.268  0.835  2.197
+#                 widen fp32 + GEMM     0.069  0.173  0.222  0.250  0.297  0.531  0.969  3.509
+#                 widen bf16 + GEMM     0.106  0.112  0.124  0.134  0.147  0.263  0.455  1.077
+#   3072x576      rows                  0.060  0.152  0.308  0.819  1.084  2.426  4.854  22.42
+#                 blocked               0.066  0.184  0.342  0.301  0.388  0.894  1.719  7.423
+#                 widen fp32            0.265  0.717  0.902  1.095  1.126  2.150  3.469  11.39
+#                 widen bf16            0.285  0.414  0.459  0.563  0.511  0.771  1.077  3.029
+#   576x1536      rows                  0.028  0.075  0.242  0.397  0.569  1.055  1.724  9.673
+#                 blocked               0.036  0.098  0.132  0.188  0.315  0.361  0.726  3.426
+#                 widen bf16            0.148  0.167  0.303  0.223  0.255  0.414  0.547  1.614
+#   49152x576     rows                  0.930  2.474  4.281  12.82  17.50  35.24  71.17
+#   (LM head)     blocked               0.960  2.662  3.843  5.727  6.725  12.82  22.94
+#                 widen bf16 (tiles)    4.442  5.993  5.404  6.630  6.716  10.20  14.88
 #
-# The packed kernel widens each group of 32 weights once per 8 rows of x, so its cost grows
-# with M at about a float32 GEMM's FMA rate plus the widening; torch's fp32 GEMM (MKL / oneDNN,
-# register-blocked) overtakes it between M = 32 and 64, where a widened tile is reused by enough
-# rows that widening it is a small share of the product. (In a whole model the float32 weights
-# stream from DRAM, 4.6x the bytes of int4, so the packed kernel's lead at small M is larger
-# than in this cache-resident micro-benchmark.)
-GEMV_MAX_ROWS = 64
-# Widened tiles of at most this many floats (4 MiB): large enough for the GEMM to run at speed,
-# small enough that no float32 copy of a whole weight ever exists.
+# The row kernel widens each group of 32 weights in registers once per 8 rows of x and needs one
+# load of x per FMA; past ~16 rows x no longer stays in L1 and it falls off. The blocked kernel
+# widens a block of W into L1 once for all rows (register tile 4 x 6): it takes over at ~16 rows
+# and, against a float32 GEMM on the widened weight, wins at every M up to 512 here. Where the
+# CPU has native bf16 GEMMs, widening to bf16 + torch's GEMM is level with it at ~28-48 rows and
+# 2-3x faster at prefill sizes (activations rounded to bf16 there; see bench/quant_fidelity.py).
+# So: rows kernel below 16 rows, blocked kernel below 32 (bf16 GEMM from 32 on) with native
+# bf16, else the blocked kernel at every M. Builds without AVX-512 (AVX2 only, measured in an
+# earlier session on a Zen 3: torch's fp32 GEMM overtook the row kernel between 32 and 64 rows)
+# hand M >= 64 to the widened float32 GEMM.
+BLOCKED_MIN_ROWS = 16
+GEMV_MAX_ROWS_BF16 = 32  # with native bf16 GEMMs
+GEMV_MAX_ROWS_AVX2 = 64  # kernels without AVX-512 and a float32 GEMM
+GEMV_MAX_ROWS = GEMV_MAX_ROWS_AVX2  # (former name)
+# Widened tiles of at most this many elements (4 MiB as float32) for weights larger than
+# WIDEN_MAX_ELEMS (the LM head): large enough for the GEMM to run at speed, small enough that no
+# float32 copy of the vocab matrix ever exists. Smaller weights (every layer matrix: at most
+# 3072 x 576 here) are widened whole into one reused per-thread buffer and take one GEMM.
 TILE_ELEMS = 1 << 20
-# Weights of at most this many elements (16 MiB as float32) are widened whole for M >=
-# gemv_max_rows (see QuantLinear._widened); larger ones (the LM head) go tile by tile.
 WIDEN_MAX_ELEMS = 1 << 22
-BLOCKED_MIN_ROWS = 8
 
 
 def blocked_min_rows_for(n: int, k: int) -> int:
     """From how many rows of x a [n, k] weight takes the blocked kernel (see the table)."""
     return BLOCKED_MIN_ROWS
+
+
+def gemv_max_rows_for(gemm_dtype: torch.dtype) -> int:
+    """Below how many rows of x the packed kernels run (else widen + GEMM; see the table)."""
+    if gemm_dtype == torch.bfloat16:
+        return GEMV_MAX_ROWS_BF16
+    return 1 << 62 if quant_kernels.width() >= 16 else GEMV_MAX_ROWS_AVX2
 
 
 _gemm_dtype: torch.dtype | None = None
@@ -254,7 +275,7 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
-                 gemv_max_rows: int = GEMV_MAX_ROWS, blocked_min_rows: int | None = None,
+                 gemv_max_rows: int | None = None, blocked_min_rows: int | None = None,
                  gemm_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         ks = {s.shape[1] for s in segments}
@@ -262,10 +283,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"segments disagree on in_features: {ks}")
         self.in_features = ks.pop()
         self.out_features = sum(s.shape[0] for s in segments)
-        self.gemv_max_rows = gemv_max_rows
+        self.gemm_dtype = gemm_dtype if gemm_dtype is not None else default_gemm_dtype()
+        self.gemv_max_rows = (gemv_max_rows if gemv_max_rows is not None
+                              else gemv_max_rows_for(self.gemm_dtype))
         self.blocked_min_rows = (blocked_min_rows if blocked_min_rows is not None
                                  else blocked_min_rows_for(self.out_features, self.in_features))
-        self.gemm_dtype = gemm_dtype if gemm_dtype is not None else default_gemm_dtype()
         self.formats: list[str] = []
         self.sources: list[str] = []
         self._rows: list[int] = []
@@ -493,16 +515,23 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
     }
     if linears:
         ready = quant_kernels.available()
-        info["activations"] = "float32"
+        lin = linears[0]
+        gemm = str(lin.gemm_dtype).replace("torch.", "")
+        isa = {16: "AVX-512", 8: "AVX2+FMA"}.get(quant_kernels.width(), "scalar")
+        lo, hi = lin.blocked_min_rows, lin.gemv_max_rows
+        ref = "torch reference (dequantize + float32 matmul)"
+        info["activations"] = (f"float32 (packed kernels), {gemm} (widened GEMM)" if ready
+                               else "float32")
+        info["gemm_dtype"] = gemm if ready else "float32"
+        upper = f" < {hi}" if hi < 1 << 40 else ""
         info["kernels"] = {
-            f"M < {linears[0].gemv_max_rows}": (
-                "packed int4/int8 GEMV (C++ "
-                + ("AVX2+FMA" if quant_kernels.simd() else "scalar") + ", OpenMP)"
-                if ready else "torch reference (dequantize + matmul)"),
-            f"M >= {linears[0].gemv_max_rows}": (
-                "widened float32 tiles + torch GEMM" if ready
-                else "torch reference (dequantize + matmul)"),
+            f"M < {lo}": f"packed int4/int8 row kernel (C++ {isa}, OpenMP)" if ready else ref,
+            f"{lo} <= M{upper}": (f"packed int4/int8 blocked kernel (C++ {isa}, OpenMP)"
+                                  if ready else ref),
         }
+        if hi < 1 << 40:
+            info["kernels"][f"M >= {hi}"] = (f"weight widened to {gemm} + torch GEMM" if ready
+                                             else ref)
     if report is not None:
         info["quant_report"] = report.summary()
     return info

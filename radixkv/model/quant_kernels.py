@@ -132,6 +132,18 @@ def _fn(lib: ctypes.CDLL, name: str) -> Any:
     return fn
 
 
+def width() -> int:
+    """The SIMD width in floats the kernels were built for: 16 (AVX-512), 8 (AVX2), 1 (scalar
+    C++), 0 (not built)."""
+    if not available():
+        return 0
+    fn = getattr(_lib, "rkv_qgemm_width", None)
+    if fn is None:
+        return 8 if _simd else 1
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
           bias: torch.Tensor | None, out: torch.Tensor, blocked: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W.T (+ bias), W [N, K] packed as (qs, scales) in format `fmt`.
