@@ -305,6 +305,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float().contiguous(),
                              persistent=False)
         self._segs: list[Segment] | None = None  # segment views, rebuilt after .to() / _apply
+        # True: widened-GEMM products come back in gemm_dtype, not x's dtype, for a caller that
+        # takes either (the MLP's gate/up: its activation feeds down_proj's bf16 GEMM, so two
+        # conversions of [M, 2I] / [M, I] are skipped). Set by the model builder.
+        self.gemm_out = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         out = super()._apply(fn, recurse)
@@ -369,19 +373,24 @@ class QuantLinear(nn.Module):
         if xg.stride(-1) != 1:
             xg = xg.contiguous()
         n, k = self.out_features, self.in_features
-        step = n if n * k <= WIDEN_MAX_ELEMS else max(1, TILE_ELEMS // k)
-        out = torch.empty(x.shape[0], n, dtype=torch.float32)
+        if n * k <= WIDEN_MAX_ELEMS:  # every layer matrix: one GEMM, no result copy
+            w = _tile_buffer(n * k, dt).view(n, k)
+            self._widen_rows(segs, 0, n, w)
+            y = torch.mm(xg, w.t())
+            if self.bias is not None:
+                y = y.float().add_(self.bias)
+            return y if y.dtype == x.dtype or self.gemm_out else y.to(x.dtype)
+        step = max(1, TILE_ELEMS // k)
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
         for a in range(0, n, step):
             b = min(n, a + step)
             w = _tile_buffer((b - a) * k, dt).view(b - a, k)
             self._widen_rows(segs, a, b, w)
-            if dt == torch.float32 and step == n:
-                torch.mm(xg, w.t(), out=out)  # straight into the result
-            else:
-                out[:, a:b] = torch.mm(xg, w.t())
-        if self.bias is not None:
-            out += self.bias
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+            part = torch.mm(xg, w.t())
+            if self.bias is not None:
+                part = part.float().add_(self.bias[a:b])
+            out[:, a:b] = part
+        return out
 
     def _widen_rows(self, segs: list[Segment], a: int, b: int, w: torch.Tensor) -> None:
         """Rows a .. b of the whole weight widened into `w` [b - a, K] (w's dtype)."""

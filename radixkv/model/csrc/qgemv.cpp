@@ -301,6 +301,12 @@ void block_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, cons
 // Group `idx` widened and rounded to bfloat16 (nearest even) into o[0 .. 32).
 template <int64_t F>
 inline void widen_bf16(const uint8_t* qs, const uint16_t* sc, int64_t idx, uint16_t* o) {
+#if RKV_AVX512 && defined(__AVX512BF16__)
+  vf w[NV];
+  widen<F>(qs, sc, idx, w);  // one instruction rounds both halves (nearest even, as below)
+  _mm512_storeu_si512((void*)o, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+  return;
+#endif
   alignas(64) float f[G];
   vf w[NV];
   widen<F>(qs, sc, idx, w);
