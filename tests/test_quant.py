@@ -303,3 +303,51 @@ def test_engine_with_quantized_weights(tiny_llama_dir: Path, mode: str) -> None:
         llm.engine.check_no_leak()
     with pytest.raises(ConfigError):
         LLM(str(tiny_llama_dir), quantization="int3")
+
+
+def test_forks_with_quantized_weights(tiny_llama_dir: Path) -> None:  # noqa: F811
+    """Parallel samples (n > 1, forked after one prefill) on packed weights:
+    greedy samples equal the n = 1 greedy output, seeded sample i equals a separate request with
+    seed + i, and no slot leaks (the oracle: separate requests on the same weights)."""
+    from radixkv import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), quantization="int4", max_total_tokens=4096)
+    prompt = list(range(40, 70))
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    (one,) = llm.generate([prompt], greedy)
+    (four,) = llm.generate([prompt], SamplingParams(n=4, temperature=0.0, max_tokens=8,
+                                                      ignore_eos=True))
+    assert [c.token_ids for c in four.outputs] == [one.outputs[0].token_ids] * 4
+    seeded = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    (forked,) = llm.generate([prompt], seeded)
+    for i, c in enumerate(forked.outputs):
+        alone = SamplingParams(temperature=1.0, seed=7 + i, max_tokens=8, ignore_eos=True)
+        assert c.token_ids == llm.generate([prompt], alone)[0].outputs[0].token_ids
+    llm.engine.check_no_leak()
+
+
+def test_server_with_quantized_weights(tmp_path: Path) -> None:
+    """`radixkv serve --quantization int8`: the startup line names the packed kernels and the
+    greedy completion equals the in-process LLM on the same quantized weights."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from radixkv import LLM, SamplingParams
+    from radixkv.serving.launcher import ServerProcess
+
+    make_tiny_hf(tmp_path / "hf", "llama")
+    prompt = [5, 17, 200, 3, 99, 42, 7, 11]
+    want = LLM(str(tmp_path / "hf"), quantization="int8", max_total_tokens=4096).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    srv = ServerProcess([str(tmp_path / "hf"), "--quantization", "int8",
+                         "--served-model-name", "q", "--max-total-tokens", "4096"])
+    try:
+        srv.start()
+        assert "'quantization': 'int8'" in srv.output and "packed int4/int8" in srv.output
+        r = httpx.post(f"{srv.base_url}/completions", timeout=120, json={
+            "model": "q", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want.outputs[0].text
+    finally:
+        srv.stop()
