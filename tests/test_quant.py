@@ -164,6 +164,17 @@ def test_kernel_choice_by_shape() -> None:
     assert f32.gemv_max_rows == (1 << 62 if qk.width() >= 16 else quant.GEMV_MAX_ROWS_AVX2)
 
 
+def test_kernels_built_with_this_cpus_simd() -> None:
+    """The native build did not silently fall back to the portable flags (a compile error in
+    the AVX2 / AVX-512 code would otherwise only show up as slow scalar kernels)."""
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo")
+                  if ln.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    if not qk.available() or not {"avx2", "fma", "f16c"} <= set(flags):
+        pytest.skip("no compiled kernels or no AVX2 + FMA + F16C here")
+    assert qk.simd()
+    assert qk.width() == (16 if "avx512f" in flags else 8)
+
+
 def test_torch_fallback_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(1)
     qt = random_quant("int8", 16, 64, gen)

@@ -301,15 +301,13 @@ void block_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, cons
 // Group `idx` widened and rounded to bfloat16 (nearest even) into o[0 .. 32).
 template <int64_t F>
 inline void widen_bf16(const uint8_t* qs, const uint16_t* sc, int64_t idx, uint16_t* o) {
-#if RKV_AVX512 && defined(__AVX512BF16__)
-  vf w[NV];
-  widen<F>(qs, sc, idx, w);  // one instruction rounds both halves (nearest even, as below)
-  _mm512_storeu_si512((void*)o, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
-  return;
-#endif
-  alignas(64) float f[G];
   vf w[NV];
   widen<F>(qs, sc, idx, w);
+#if RKV_AVX512 && defined(__AVX512BF16__)
+  // one instruction rounds both halves to bf16 (nearest even, as the AVX2 code below)
+  _mm512_storeu_si512((void*)o, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+#else
+  alignas(64) float f[G];
   for (int j = 0; j < NV; ++j) vstore(f + W * j, w[j]);
   const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
   __m256i h[4];
@@ -322,6 +320,7 @@ inline void widen_bf16(const uint8_t* qs, const uint16_t* sc, int64_t idx, uint1
     const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[j], h[j + 1]), 0xD8);
     _mm256_storeu_si256((__m256i*)(o + 8 * j), p);
   }
+#endif
 }
 #endif
 
