@@ -307,7 +307,8 @@ class QuantLinear(nn.Module):
         self._segs: list[Segment] | None = None  # segment views, rebuilt after .to() / _apply
         # True: widened-GEMM products come back in gemm_dtype, not x's dtype, for a caller that
         # takes either (the MLP's gate/up: its activation feeds down_proj's bf16 GEMM, so two
-        # conversions of [M, 2I] / [M, I] are skipped). Set by the model builder.
+        # conversions of [M, 2I] / [M, I] are skipped; o_proj: added into the float32
+        # residual). Set by the model builder.
         self.gemm_out = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
