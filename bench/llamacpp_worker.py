@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import sys
 import time
@@ -168,6 +169,7 @@ def main() -> None:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+    os._exit(0)  # skip llama.cpp's static teardown (it aborts on some builds)
 
 
 if __name__ == "__main__":
