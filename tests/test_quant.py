@@ -27,8 +27,8 @@ from radixkv.model.quant import (
     QuantTensor,
     from_gguf_blocks,
     quantize,
-    weight_bytes,
 )
+from radixkv.model.quant_info import weight_bytes
 from tests.engine_fixtures import tiny_llama_dir  # noqa: F401  (fixture)
 from tests.model_fixtures import PagedRunner, make_tiny_hf, write_tiny_gguf
 
