@@ -3,14 +3,16 @@ radixkv). Reads one JSON command per line on stdin and answers one JSON line on 
 
 Commands: load (path, threads), sequential (prompts, max_tokens: one request at a time through
 `Llama.generate`, whose built-in prefix reuse keeps the shared system prompt), batched (prompts,
-max_tokens: all requests in one multi-sequence context, the shared prefix evaluated once and
-copied to every sequence, then one decode batch per step), prefill (ids), memory.
+max_tokens[, kv_unified, flash_attn]: all requests in one multi-sequence context, the shared
+prefix evaluated once and copied to every sequence, then one decode batch per step), prefill
+(ids), memory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import sys
 import time
@@ -60,7 +62,11 @@ class Worker:
         return {"model_bytes": int(llama_cpp.llama_model_size(self.llm.model)),
                 "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
-    def batched(self, prompts: list[list[int]], max_tokens: int) -> dict:
+    def batched(self, prompts: list[list[int]], max_tokens: int, kv_unified: bool = True,
+                flash_attn: int = -1) -> dict:
+        """kv_unified: one cell pool for all sequences (a copied prefix shared, attention over
+        every cell with a mask) or one stream per sequence (the prefix copied into each, each
+        sequence attending to its own cells); flash_attn: llama.cpp's -1 auto, 0 off, 1 on."""
         import llama_cpp as L
 
         n = len(prompts)
@@ -71,14 +77,20 @@ class Worker:
             shared += 1
         shared = min(shared, min(len(p) for p in prompts) - 1)
         cp = L.llama_context_default_params()
-        cp.n_ctx = 4096 if shared + n * (max(map(len, prompts)) - shared + max_tokens) <= 4096 \
-            else 8192
+        longest = max(map(len, prompts)) + max_tokens
+        if kv_unified:
+            need = shared + n * (longest - shared)
+        else:  # n streams of n_ctx / n cells each
+            need = n * (-(-longest // 256) * 256)
+        cp.n_ctx = -(-need // 4096) * 4096
         cp.n_batch = 512
         cp.n_ubatch = 512
         cp.n_seq_max = n
         cp.n_threads = cp.n_threads_batch = self.threads
         if hasattr(cp, "kv_unified"):
-            cp.kv_unified = True  # one cell pool: a copied prefix is shared, not duplicated
+            cp.kv_unified = kv_unified
+        if hasattr(cp, "flash_attn_type"):
+            cp.flash_attn_type = flash_attn
         new_ctx = getattr(L, "llama_init_from_model", None) or L.llama_new_context_with_model
         ctx = new_ctx(self.llm.model, cp)
         if not ctx:
@@ -143,7 +155,7 @@ class Worker:
         finally:
             L.llama_batch_free(batch)
             L.llama_free(ctx)
-        return {"wall": wall, "tokens": outs, "shared": shared}
+        return {"wall": wall, "tokens": outs, "shared": shared, "n_ctx": cp.n_ctx}
 
 
 def main() -> None:
@@ -157,6 +169,7 @@ def main() -> None:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+    os._exit(0)  # skip llama.cpp's static teardown (it aborts on some builds)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ phase so machine load hits them alike:
 - one request at a time: the ~600-token shared system prompt + 32 questions, 32 new tokens each
   (llama.cpp: `Llama.generate`, its built-in prefix reuse on; radixkv: its radix cache);
 - 32 at once: radixkv's batched engine vs llama.cpp's multi-sequence batch (the shared prefix
-  evaluated once and copied to every sequence, one decode batch per step);
+  evaluated once and copied to every sequence, one decode batch per step), in each of its KV
+  modes (--llamacpp-batched: one unified cell pool or one stream per sequence, flash attention
+  auto / off), the best of them compared;
 - prefill of a fresh 512-token prompt (best of --reps), against radixkv float32 and bfloat16;
 - loaded-model memory (radixkv: bytes of its weights; llama.cpp: llama_model_size).
 Prints figures and ratios measured in this one run; asserts nothing.
@@ -33,6 +35,9 @@ from radixkv.memory import TokenToKVPool
 from radixkv.model import build_forward_context, forward_context, load_model
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
+# llama.cpp's multi-sequence modes: name -> (kv_unified, flash_attn_type: -1 auto, 0 off, 1 on)
+BATCHED_MODES = {"unified": (True, -1), "unified-fa": (True, 1), "unified-nofa": (True, 0),
+                 "per-seq": (False, -1), "per-seq-fa": (False, 1), "per-seq-nofa": (False, 0)}
 
 
 class LlamaCpp:
@@ -72,6 +77,10 @@ def prefill_once(lm, ids: list[int]) -> float:
         return time.perf_counter() - start
 
 
+def best_of(row: dict[str, Any], key: str, value: float) -> None:
+    row[key] = max(row.get(key, 0.0), value)
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
     same = sum(x == y for x, y in zip(a, b, strict=True))
     return f"{same}/{len(a)} identical"
@@ -86,8 +95,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-fp32", action="store_true", help="skip radixkv float32 runs")
+    ap.add_argument("--no-fp32", action="store_true",
+                    help="skip radixkv float32 in the decode phases (kept for prefill, memory)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the decode phases, keeping each system's best (on a shared "
+                    "machine llama.cpp's spinning thread pool suffers most from other load)")
     ap.add_argument("--quick", action="store_true", help="8 requests, 1 prefill rep")
+    ap.add_argument("--llamacpp-batched", default="unified,per-seq,per-seq-nofa",
+                    help=f"llama.cpp batched modes to try ({', '.join(BATCHED_MODES)}); "
+                    "the best is compared")
     ap.add_argument("--llamacpp-python", default=os.environ.get(
         "RADIXKV_LLAMACPP_PYTHON", "/work/peers/llamacpp/bin/python"))
     args = ap.parse_args()
@@ -131,39 +147,49 @@ def main() -> None:
     tokens: dict[str, dict[str, list[list[int]]]] = {"seq": {}, "batch": {}}
     n_new = args.requests * args.max_tokens
     try:
-        # ---- one request at a time
-        if cpp is not None:
-            r = cpp.call("sequential", prompts=prompts, max_tokens=args.max_tokens)
-            if "error" in r:
-                print(f"# llama.cpp sequential: {r['error']}")
-            else:
-                results["llama.cpp"]["seq"] = n_new / r["wall"]
-                tokens["seq"]["llama.cpp"] = r["tokens"]
-        for name, lm in systems.items():
-            llm = LLM(lm, max_total_tokens=16384)
-            start = time.perf_counter()
-            outs = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
-            results[name]["seq"] = n_new / (time.perf_counter() - start)
-            tokens["seq"][name] = outs
-        print(f"# one at a time done, load average {os.getloadavg()[0]:.1f}", flush=True)
-        # ---- all at once
-        if cpp is not None:
-            r = cpp.call("batched", prompts=prompts, max_tokens=args.max_tokens)
-            if "error" in r:
-                print(f"# llama.cpp batched: {r['error']}")
-            else:
-                results["llama.cpp"]["batch"] = n_new / r["wall"]
-                tokens["batch"]["llama.cpp"] = r["tokens"]
-        for name, lm in systems.items():
-            llm = LLM(lm, max_total_tokens=16384, max_running_requests=args.requests)
-            start = time.perf_counter()
-            outs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-            results[name]["batch"] = n_new / (time.perf_counter() - start)
-            tokens["batch"][name] = outs
+        # ---- one request at a time, then all at once; --rounds times, each system's best kept
+        for rnd in range(args.rounds):
+            if cpp is not None:
+                r = cpp.call("sequential", prompts=prompts, max_tokens=args.max_tokens)
+                if "error" in r:
+                    print(f"# llama.cpp sequential: {r['error']}")
+                else:
+                    best_of(results["llama.cpp"], "seq", n_new / r["wall"])
+                    tokens["seq"]["llama.cpp"] = r["tokens"]
+            for name, lm in systems.items():
+                llm = LLM(lm, max_total_tokens=16384)
+                start = time.perf_counter()
+                outs = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+                best_of(results[name], "seq", n_new / (time.perf_counter() - start))
+                tokens["seq"][name] = outs
+            print(f"# round {rnd + 1}: one at a time done, load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            # ---- all at once
+            if cpp is not None:  # each batched mode of llama.cpp; the best one is its figure
+                for variant in args.llamacpp_batched.split(","):
+                    unified, fa = BATCHED_MODES[variant]
+                    r = cpp.call("batched", prompts=prompts, max_tokens=args.max_tokens,
+                                 kv_unified=unified, flash_attn=fa)
+                    if "error" in r:
+                        print(f"# llama.cpp batched {variant}: {r['error']}")
+                        continue
+                    tps = n_new / r["wall"]
+                    print(f"# llama.cpp batched, {variant}: {tps:.1f} tok/s (n_ctx {r['n_ctx']})",
+                          flush=True)
+                    if tps > results["llama.cpp"].get("batch", 0.0):
+                        results["llama.cpp"]["batch"] = tps
+                        results["llama.cpp"]["batch_mode"] = variant
+                        tokens["batch"]["llama.cpp"] = r["tokens"]
+            for name, lm in systems.items():
+                llm = LLM(lm, max_total_tokens=16384, max_running_requests=args.requests)
+                start = time.perf_counter()
+                outs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+                best_of(results[name], "batch", n_new / (time.perf_counter() - start))
+                tokens["batch"][name] = outs
         print(f"# all at once done, load average {os.getloadavg()[0]:.1f}", flush=True)
         # ---- prefill of fresh prompts (distinct ids each repetition, no cache anywhere)
         gen = torch.Generator().manual_seed(0)
-        pre = {**systems, "radixkv bf16": bf16}
+        pre = {"radixkv fp32": base, **systems, "radixkv bf16": bf16}
         best: dict[str, float] = {}
         for _ in range(args.reps):
             ids = torch.randint(100, base.config.vocab_size - 100, (args.prefill,),
@@ -180,7 +206,7 @@ def main() -> None:
             mem = cpp.call("memory")
             results["llama.cpp"]["mem"] = mem.get("model_bytes", 0) / 1e6
         for name, lm in pre.items():
-            results[name]["mem"] = lm.kernel_info()["weight_bytes"] / 1e6
+            results.setdefault(name, {})["mem"] = lm.kernel_info()["weight_bytes"] / 1e6
     finally:
         if cpp is not None:
             cpp.close()
@@ -211,11 +237,19 @@ def main() -> None:
                 if name in outs:
                     print(f"# {phase}: greedy tokens {name} vs llama.cpp: "
                           f"{agreement(outs[name], outs['llama.cpp'])}")
-    if "radixkv bf16" in results and "prefill" in results["radixkv bf16"]:
+    if "batch_mode" in ref:
+        print(f"# llama.cpp's best batched mode: {ref['batch_mode']}")
+    for base_name in ("radixkv bf16", "radixkv fp32"):
+        if "prefill" not in results.get(base_name, {}):
+            continue
         for name in systems:
-            if "prefill" in results[name]:
-                print(f"# prefill {name} / radixkv bf16: "
-                      f"{results[name]['prefill'] / results['radixkv bf16']['prefill']:.2f}x")
+            if name != base_name and "prefill" in results[name]:
+                print(f"# prefill {name} / {base_name}: "
+                      f"{results[name]['prefill'] / results[base_name]['prefill']:.2f}x")
+    fp32_mem = results.get("radixkv fp32", {}).get("mem")
+    for name in systems:
+        if fp32_mem and name != "radixkv fp32":
+            print(f"# weights {name}: {fp32_mem / results[name]['mem']:.1f}x smaller than fp32")
     sys.stdout.flush()
 
 

@@ -7,6 +7,10 @@ re-quantized to int8 groups at load), against float32 (the GGUF widened at load)
   --tie logits) counted apart; and how many free-running greedy continuations are identical;
 - max / mean absolute logit error over those positions;
 - perplexity of a fixed English text (goal: within 1% of float32's).
+Teacher-forced logits and perplexity come from one forward over whole sequences, so they use
+the prefill path (the weight widened + a GEMM, in bfloat16 on CPUs with native bf16: those
+modes are also run with a float32 GEMM); the free-running continuations use the packed decode
+kernels.
 Prints a table; asserts nothing. Run: `.venv/bin/python bench/quant_fidelity.py [--quick]`.
 """
 
@@ -21,7 +25,7 @@ import torch
 
 from radixkv import LLM, SamplingParams
 from radixkv.memory import TokenToKVPool
-from radixkv.model import build_forward_context, forward_context, load_model
+from radixkv.model import build_forward_context, forward_context, load_model, quant
 
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a can of "
@@ -123,8 +127,14 @@ def main() -> None:
     print(f"# float32 reference: {time.perf_counter() - t:.0f} s; {len(text_ids)} text tokens; "
           f"{int(tie.sum())} of {tie.numel()} positions are near ties (margin < {args.tie})")
     rows = [("float32", "-", "-", "-", "-", "-", f"{ppl_ref:.4f}", "-")]
-    for mode in args.modes.split(","):
+    variants = [(m, None) for m in args.modes.split(",")]
+    if quant.default_gemm_dtype() != torch.float32:  # also the float32 prefill GEMM, for scale
+        variants += [(m, torch.float32) for m in args.modes.split(",")]
+    for mode, gemm in variants:
+        quant._gemm_dtype = gemm  # None: this CPU's default
         lm = load_model(args.model, quantization=mode)
+        quant._gemm_dtype = None
+        name = f"{mode} ({str(lm.kernel_info()['gemm_dtype']).replace('torch.', '')} GEMM)"
         logits = teacher_forced(lm, prompts, conts)
         agree = logits.argmax(-1) == ref.argmax(-1)
         err = (logits - ref).abs()
@@ -132,12 +142,12 @@ def main() -> None:
                                                                                 greedy)]
         same = sum(a == b for a, b in zip(own, conts, strict=True))
         ppl = perplexity(lm, text_ids)
-        rows.append((mode, f"{float(agree[~tie].float().mean()):.4f}",
+        rows.append((name, f"{float(agree[~tie].float().mean()):.4f}",
                      f"{int(agree[tie].sum())}/{int(tie.sum())}",
                      f"{same}/{len(prompts)}", f"{float(err.max()):.4f}",
                      f"{float(err.mean()):.5f}", f"{ppl:.4f}",
                      f"{(ppl / ppl_ref - 1) * 100:+.2f}%"))
-        print(f"# {mode}: weight bytes {lm.kernel_info()['weight_bytes'] / 1e6:.1f} MB vs "
+        print(f"# {name}: weight bytes {lm.kernel_info()['weight_bytes'] / 1e6:.1f} MB vs "
               f"float32 {base.kernel_info()['weight_bytes'] / 1e6:.1f} MB", flush=True)
     head = ("mode", "agree(non-tie)", "agree(ties)", "same seqs", "max |dlogit|",
             "mean |dlogit|", "perplexity", "ppl vs fp32")

@@ -204,7 +204,7 @@ def test_packed_model_fingerprint_and_weight_bytes_match_plain(tmp_path: Path) -
     and one without must agree. The packed model also reports its weight bytes (the packed
     tensors are not parameters)."""
     from radixkv.memory.tiers.keys import weights_fingerprint
-    from radixkv.model.quant import weight_bytes
+    from radixkv.model.quant_info import weight_bytes
 
     make_tiny_hf(tmp_path, "llama")
     lm = load_model(str(tmp_path))

@@ -27,8 +27,8 @@ from radixkv.model.quant import (
     QuantTensor,
     from_gguf_blocks,
     quantize,
-    weight_bytes,
 )
+from radixkv.model.quant_info import weight_bytes
 from tests.engine_fixtures import tiny_llama_dir  # noqa: F401  (fixture)
 from tests.model_fixtures import PagedRunner, make_tiny_hf, write_tiny_gguf
 
@@ -66,20 +66,56 @@ def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
     w = qt.dequantize()
     np.testing.assert_array_equal(qk.dequantize(fmt, qt.qs, qt.scales, k).numpy(), w.numpy())
     bias = torch.randn(n, generator=gen)
-    for m in (0, 1, 2, 3, 7, 8, 9, 17, 70):
+    np.testing.assert_array_equal(  # C++ rounding to bf16 == torch's (nearest even)
+        qk.dequantize(fmt, qt.qs, qt.scales, k, dtype=torch.bfloat16).view(torch.int16).numpy(),
+        w.bfloat16().view(torch.int16).numpy())
+    big = 1 << 30
+    paths = {"packed-gemv": dict(gemv_max_rows=big, blocked_min_rows=big),
+             "packed-blocked": dict(gemv_max_rows=big, blocked_min_rows=0),
+             "widen+gemm-float32": dict(gemv_max_rows=0, gemm_dtype=torch.float32)}
+    for m in (0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 70):
         x = torch.randn(m, k, generator=gen)
         ref = F.linear(x, w, bias)
-        # the GEMV into a column slice of a wider output (as fused layers write)
-        wide = torch.full((m, n + 5), 7.0)
-        qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n])
-        close(wide[:, 2:2 + n], ref)
-        assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
-        for rows in (1, 1 << 30):  # widened tiles (every M) / packed GEMV (every M)
-            layer = QuantLinear([qt], bias, gemv_max_rows=rows)
+        for blocked in (False, True):
+            # into a column slice of a wider output (as fused layers write)
+            wide = torch.full((m, n + 5), 7.0)
+            qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n], blocked)
+            close(wide[:, 2:2 + n], ref)
+            assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
+        xs = torch.randn(2 * m, k, generator=gen)[::2]  # every other row of a bigger tensor
+        for name, kw in paths.items():
+            layer = QuantLinear([qt], bias, **kw)
+            assert layer.kernel_for(m) == name
             close(layer(x), ref)
-        # a strided x (every other row of a bigger tensor)
-        xs = torch.randn(2 * m, k, generator=gen)[::2]
-        close(QuantLinear([qt])(xs), F.linear(xs, w))
+            close(layer(xs), F.linear(xs, w, bias))
+        # bf16 GEMM (the prefill path on CPUs with native bf16): within bf16 tolerance
+        layer = QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16)
+        bf16_close(layer(x), ref, x, w)
+
+
+def bf16_close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """Rounding x and W to bf16 (8-bit mantissa) and the product back: error bounded by
+    ~3 * 2^-8 of sum |x| |w| per output."""
+    bound = 3 * 2.0 ** -8 * (x.abs() @ w.abs().T) + 1e-6
+    assert out.dtype == ref.dtype and ((out - ref).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_lm_head_tiles_and_whole_widening(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight past WIDEN_MAX_ELEMS goes tile by tile (uneven last tile), in both GEMM dtypes."""
+    import radixkv.model.quant as quant
+
+    monkeypatch.setattr(quant, "WIDEN_MAX_ELEMS", 64 * 64)
+    monkeypatch.setattr(quant, "TILE_ELEMS", 23 * 64)  # tiles of 23 rows
+    gen = torch.Generator().manual_seed(5)
+    qt = random_quant(fmt, 100, 64, gen)
+    w, bias = qt.dequantize(), torch.randn(100, generator=gen)
+    x = torch.randn(70, 64, generator=gen)
+    close(QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.float32)(x),
+          F.linear(x, w, bias))
+    bf16_close(QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16)(x),
+               F.linear(x, w, bias), x, w)
 
 
 @needs_kernels
@@ -88,11 +124,14 @@ def test_mixed_segments_and_half_activations() -> None:
     gen = torch.Generator().manual_seed(3)
     a, b = random_quant("int4", 24, 64, gen), random_quant("int8", 10, 64, gen)
     f = torch.randn(6, 64, generator=gen)
-    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen))
+    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen), gemm_dtype=torch.float32)
     w = torch.cat([a.dequantize(), b.dequantize(), f])
-    for m in (1, 5, 100):
+    for m in (1, 5, 9, 40, 100):
         x = torch.randn(m, 64, generator=gen)
         close(layer(x), F.linear(x, w, layer.bias))
+    layer16 = QuantLinear([a, b, f], layer.bias, gemm_dtype=torch.bfloat16)
+    x = torch.randn(100, 64, generator=gen)
+    bf16_close(layer16(x), F.linear(x, w, layer.bias), x, w)
     xb = torch.randn(4, 64, generator=gen).bfloat16()
     out = layer(xb)
     assert out.dtype == torch.bfloat16
@@ -102,11 +141,38 @@ def test_mixed_segments_and_half_activations() -> None:
 
 @needs_kernels
 def test_kernel_choice_by_shape() -> None:
+    import radixkv.model.quant as quant
+
     qt = random_quant("int4", 8, 32, torch.Generator().manual_seed(0))
-    layer = QuantLinear([qt], gemv_max_rows=16)
-    assert [layer.kernel_for(m) for m in (1, 15, 16, 512)] == [
-        "packed-gemv", "packed-gemv", "widen-tile+gemm", "widen-tile+gemm"]
+    layer = QuantLinear([qt], gemv_max_rows=16, blocked_min_rows=4, gemm_dtype=torch.float32)
+    assert [layer.kernel_for(m) for m in (1, 3, 4, 15, 16, 512)] == [
+        "packed-gemv", "packed-gemv", "packed-blocked", "packed-blocked",
+        "widen+gemm-float32", "widen+gemm-float32"]
     assert layer.kernel_for(1, torch.device("meta")) == "reference"
+    # the defaults: the measured limits, bf16 GEMMs exactly where the CPU has native bf16
+    d = QuantLinear([qt])
+    native = quant.native_half_matmul(torch.bfloat16)
+    assert d.gemm_dtype == (torch.bfloat16 if native else torch.float32)
+    assert d.gemv_max_rows == quant.gemv_max_rows_for(d.gemm_dtype)
+    assert d.blocked_min_rows == quant.BLOCKED_MIN_ROWS < d.gemv_max_rows
+    assert d.kernel_for(1) == "packed-gemv"
+    assert d.kernel_for(quant.BLOCKED_MIN_ROWS) == "packed-blocked"
+    if native:
+        assert d.kernel_for(quant.GEMV_MAX_ROWS_BF16) == "widen+gemm-bfloat16"
+    # without native bf16: the blocked kernel up to any M with AVX-512, fp32 GEMM from 64 else
+    f32 = QuantLinear([qt], gemm_dtype=torch.float32)
+    assert f32.gemv_max_rows == (1 << 62 if qk.width() >= 16 else quant.GEMV_MAX_ROWS_AVX2)
+
+
+def test_kernels_built_with_this_cpus_simd() -> None:
+    """The native build did not silently fall back to the portable flags (a compile error in
+    the AVX2 / AVX-512 code would otherwise only show up as slow scalar kernels)."""
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo")
+                  if ln.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    if not qk.available() or not {"avx2", "fma", "f16c"} <= set(flags):
+        pytest.skip("no compiled kernels or no AVX2 + FMA + F16C here")
+    assert qk.simd()
+    assert qk.width() == (16 if "avx512f" in flags else 8)
 
 
 def test_torch_fallback_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,8 +200,11 @@ def test_gguf_blocks_match_gguf_dequantize(name: str) -> None:
     # Q4_1's d * q + m rounds twice in numpy and may differ from the reference by an ulp
     np.testing.assert_allclose(qt.dequantize().numpy(), want, rtol=0, atol=1e-6)
     if qk.available():
-        x = torch.randn(5, 128)
-        close(QuantLinear([qt])(x), x @ torch.from_numpy(want).T)
+        wt = torch.from_numpy(want)
+        for m in (1, 5, 40, 100):  # row kernel, blocked kernel, widened GEMM
+            x = torch.randn(m, 128)
+            close(QuantLinear([qt], gemm_dtype=torch.float32)(x), x @ wt.T)
+            bf16_close(QuantLinear([qt], gemm_dtype=torch.bfloat16)(x), x @ wt.T, x, wt)
     assert from_gguf_blocks(np.zeros(8, np.uint8), "F16", (2, 2)) is None
 
 
@@ -247,3 +316,51 @@ def test_engine_with_quantized_weights(tiny_llama_dir: Path, mode: str) -> None:
         llm.engine.check_no_leak()
     with pytest.raises(ConfigError):
         LLM(str(tiny_llama_dir), quantization="int3")
+
+
+def test_forks_with_quantized_weights(tiny_llama_dir: Path) -> None:  # noqa: F811
+    """Parallel samples (n > 1, forked after one prefill) on packed weights:
+    greedy samples equal the n = 1 greedy output, seeded sample i equals a separate request with
+    seed + i, and no slot leaks (the oracle: separate requests on the same weights)."""
+    from radixkv import LLM, SamplingParams
+
+    llm = LLM(str(tiny_llama_dir), quantization="int4", max_total_tokens=4096)
+    prompt = list(range(40, 70))
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    (one,) = llm.generate([prompt], greedy)
+    (four,) = llm.generate([prompt], SamplingParams(n=4, temperature=0.0, max_tokens=8,
+                                                      ignore_eos=True))
+    assert [c.token_ids for c in four.outputs] == [one.outputs[0].token_ids] * 4
+    seeded = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    (forked,) = llm.generate([prompt], seeded)
+    for i, c in enumerate(forked.outputs):
+        alone = SamplingParams(temperature=1.0, seed=7 + i, max_tokens=8, ignore_eos=True)
+        assert c.token_ids == llm.generate([prompt], alone)[0].outputs[0].token_ids
+    llm.engine.check_no_leak()
+
+
+def test_server_with_quantized_weights(tmp_path: Path) -> None:
+    """`radixkv serve --quantization int8`: the startup line names the packed kernels and the
+    greedy completion equals the in-process LLM on the same quantized weights."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from radixkv import LLM, SamplingParams
+    from radixkv.serving.launcher import ServerProcess
+
+    make_tiny_hf(tmp_path / "hf", "llama")
+    prompt = [5, 17, 200, 3, 99, 42, 7, 11]
+    want = LLM(str(tmp_path / "hf"), quantization="int8", max_total_tokens=4096).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    srv = ServerProcess([str(tmp_path / "hf"), "--quantization", "int8",
+                         "--served-model-name", "q", "--max-total-tokens", "4096"])
+    try:
+        srv.start()
+        assert "'quantization': 'int8'" in srv.output and "packed int4/int8" in srv.output
+        r = httpx.post(f"{srv.base_url}/completions", timeout=120, json={
+            "model": "q", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want.outputs[0].text
+    finally:
+        srv.stop()

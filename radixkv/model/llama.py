@@ -312,6 +312,9 @@ def _install_quantized(model: LlamaForCausalLM, quantized: dict[str, list[Segmen
             continue
         bias = state.pop(f"{path}.bias", None)
         layer = QuantLinear(segments, bias)
+        # Callers that take the GEMM's bf16 result as is (SwiGLUMLP; the residual add after
+        # o_proj): two conversions fewer per prefill product.
+        layer.gemm_out = path.endswith(("mlp.gate_up_proj", "self_attn.o_proj"))
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, layer)
         if path == "lm_head":

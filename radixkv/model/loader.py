@@ -15,7 +15,8 @@ import torch
 from radixkv.errors import ModelLoadError
 from radixkv.model.config import ModelConfig, merge_eos, parse_dtype
 from radixkv.model.llama import build_model
-from radixkv.model.quant import QuantReport, kernel_info, quantizing_getter, validate_quantization
+from radixkv.model.quant import validate_quantization
+from radixkv.model.quant_info import QuantReport, kernel_info, quantizing_getter
 from radixkv.model.tokenizer import chat_ids, end_of_turn_ids, get_tokenizer
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +38,7 @@ class LoadedModel:
 
     def kernel_info(self) -> dict[str, Any]:
         """Which kernels and dtypes the model's products use, its weight bytes and (when
-        quantized) the formats and load-time errors: see `radixkv.model.quant.kernel_info`."""
+        quantized) the formats and load-time errors: see `radixkv.model.quant_info.kernel_info`."""
         return kernel_info(self.model, self.quant_report)
 
     def apply_chat_template(self, messages: list[dict[str, str]],

@@ -15,7 +15,6 @@ do, and the error is reported).
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -27,33 +26,76 @@ from torch import nn
 
 from radixkv.errors import ConfigError
 from radixkv.model import quant_kernels
+from radixkv.model.layers import native_half_matmul
 
 GROUP = 32
 QUANTIZATION_MODES = ("int4", "int8", "gguf")
 
-# Kernel choice by the number of rows M of x (tokens in the forward). Measured with
-# `bench/quant_kernels.py --threads 1` on this repo's 2-core AMD EPYC (Zen 3: AVX2 + FMA + F16C,
-# no AVX-512), shared with other jobs (load average ~21, so 1-thread best-of-9 figures are the
-# stable ones), int4 weights, ms per product:
+# Kernel choice by the number of rows M of x (tokens in the forward), measured with
+# `bench/quant_kernels.py --threads 2` (best of 5-7, paths interleaved) on this repo's 2-core
+# AMD EPYC with AVX-512 + AVX512-BF16 (the kernels built with their 16-float vectors; torch's
+# bf16 GEMM native), load average ~2, ms per product:
 #
-#   shape     path              M=1    8      16     32     64
-#   960x576   packed GEMV       0.103  0.408  0.753  1.471  2.797
-#             widen tiles+GEMM  0.184  0.736  1.076  1.766  2.191
-#             fp32 F.linear     0.078  0.498  0.718  1.224  2.093   (weight cache-resident)
-#   3072x576  packed GEMV       0.347  0.846  1.822
-#             widen tiles+GEMM  0.809  (noise) 2.653
-#             fp32 F.linear     0.876  2.642  (noise)
+#   shape (int4)  path                  M=1    8      16     24     32     64     128    512
+#   960x576       rows (packed)         0.020  0.044  0.084  0.242  0.326  0.714  1.416  6.670
+#                 blocked (packed)      0.025  0.067  0.118  0.150  0.119  0.268  0.835  2.197
+#                 widen fp32 + GEMM     0.069  0.173  0.222  0.250  0.297  0.531  0.969  3.509
+#                 widen bf16 + GEMM     0.106  0.112  0.124  0.134  0.147  0.263  0.455  1.077
+#   3072x576      rows                  0.060  0.152  0.308  0.819  1.084  2.426  4.854  22.42
+#                 blocked               0.066  0.184  0.342  0.301  0.388  0.894  1.719  7.423
+#                 widen fp32            0.265  0.717  0.902  1.095  1.126  2.150  3.469  11.39
+#                 widen bf16            0.285  0.414  0.459  0.563  0.511  0.771  1.077  3.029
+#   576x1536      rows                  0.028  0.075  0.242  0.397  0.569  1.055  1.724  9.673
+#                 blocked               0.036  0.098  0.132  0.188  0.315  0.361  0.726  3.426
+#                 widen bf16            0.148  0.167  0.303  0.223  0.255  0.414  0.547  1.614
+#   49152x576     rows                  0.930  2.474  4.281  12.82  17.50  35.24  71.17
+#   (LM head)     blocked               0.960  2.662  3.843  5.727  6.725  12.82  22.94
+#                 widen bf16 (tiles)    4.442  5.993  5.404  6.630  6.716  10.20  14.88
 #
-# The packed kernel widens each group of 32 weights once per 8 rows of x, so its cost grows
-# with M at about a float32 GEMM's FMA rate plus the widening; torch's fp32 GEMM (MKL / oneDNN,
-# register-blocked) overtakes it between M = 32 and 64, where a widened tile is reused by enough
-# rows that widening it is a small share of the product. (In a whole model the float32 weights
-# stream from DRAM, 4.6x the bytes of int4, so the packed kernel's lead at small M is larger
-# than in this cache-resident micro-benchmark.)
-GEMV_MAX_ROWS = 64
-# Widened tiles of at most this many floats (4 MiB): large enough for the GEMM to run at speed,
-# small enough that no float32 copy of a whole weight ever exists.
+# The row kernel widens each group of 32 weights in registers once per 8 rows of x and needs one
+# load of x per FMA; past ~16 rows x no longer stays in L1 and it falls off. The blocked kernel
+# widens a block of W into L1 once for all rows (register tile 4 x 6): it takes over at ~16 rows
+# and, against a float32 GEMM on the widened weight, wins at every M up to 512 here. Where the
+# CPU has native bf16 GEMMs, widening to bf16 + torch's GEMM is level with it at ~28-48 rows and
+# 2-3x faster at prefill sizes (activations rounded to bf16 there; see bench/quant_fidelity.py).
+# So: rows kernel below 16 rows, blocked kernel below 32 (bf16 GEMM from 32 on) with native
+# bf16, else the blocked kernel at every M. Builds without AVX-512 (AVX2 only, measured in an
+# earlier session on a Zen 3: torch's fp32 GEMM overtook the row kernel between 32 and 64 rows)
+# hand M >= 64 to the widened float32 GEMM.
+BLOCKED_MIN_ROWS = 16
+GEMV_MAX_ROWS_BF16 = 32  # with native bf16 GEMMs
+GEMV_MAX_ROWS_AVX2 = 64  # kernels without AVX-512 and a float32 GEMM
+GEMV_MAX_ROWS = GEMV_MAX_ROWS_AVX2  # (former name)
+# Widened tiles of at most this many elements (4 MiB as float32) for weights larger than
+# WIDEN_MAX_ELEMS (the LM head): large enough for the GEMM to run at speed, small enough that no
+# float32 copy of the vocab matrix ever exists. Smaller weights (every layer matrix: at most
+# 3072 x 576 here) are widened whole into one reused per-thread buffer and take one GEMM.
 TILE_ELEMS = 1 << 20
+WIDEN_MAX_ELEMS = 1 << 22
+
+
+def blocked_min_rows_for(n: int, k: int) -> int:
+    """From how many rows of x a [n, k] weight takes the blocked kernel (see the table)."""
+    return BLOCKED_MIN_ROWS
+
+
+def gemv_max_rows_for(gemm_dtype: torch.dtype) -> int:
+    """Below how many rows of x the packed kernels run (else widen + GEMM; see the table)."""
+    if gemm_dtype == torch.bfloat16:
+        return GEMV_MAX_ROWS_BF16
+    return 1 << 62 if quant_kernels.width() >= 16 else GEMV_MAX_ROWS_AVX2
+
+
+_gemm_dtype: torch.dtype | None = None
+
+
+def default_gemm_dtype() -> torch.dtype:
+    """bfloat16 where this CPU has native bf16 GEMMs (AVX512-BF16 / AMX), else float32: the
+    dtype prefill-sized products run in after widening (activations rounded to it too)."""
+    global _gemm_dtype
+    if _gemm_dtype is None:
+        _gemm_dtype = torch.bfloat16 if native_half_matmul(torch.bfloat16) else torch.float32
+    return _gemm_dtype
 
 
 def validate_quantization(value: object, config: Any = None, kind: str | None = None
@@ -204,11 +246,13 @@ def relative_error(w: torch.Tensor, qt: QuantTensor) -> float:
 _scratch = threading.local()
 
 
-def _tile_buffer(numel: int) -> torch.Tensor:
-    """A reused float32 buffer of at least `numel` elements (one per thread)."""
-    buf = getattr(_scratch, "buf", None)
+def _tile_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused buffer of at least `numel` elements of `dtype` (one per thread and dtype)."""
+    key = f"buf_{str(dtype).replace('torch.', '')}"
+    buf = getattr(_scratch, key, None)
     if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, key, buf)
     return buf[:numel]
 
 
@@ -219,22 +263,30 @@ class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W stored as row segments, each packed (int4 / int8) or float32 (a
     fused q/k/v whose parts a GGUF stores in different types).
 
-    The kernel is picked by the rows M of x at run time: M < `gemv_max_rows` runs the packed
-    C++ kernel (weights widened in registers, nothing widened in memory); larger M widens tiles
-    of at most TILE_ELEMS weights into a reused buffer and runs torch's float32 GEMM on them.
-    Activations are float32 (the C++ kernels take float32; bf16 / fp16 inputs are upcast and the
-    result rounded back). Without the compiled kernels, every M uses the torch reference.
+    The kernel is picked by the rows M of x at run time (see `kernel_for`; the limits are
+    measured, module constants): M < `blocked_min_rows` runs the packed C++ row kernel, M <
+    `gemv_max_rows` the packed blocked kernel (both widen weights in registers / L1 only);
+    larger M widens the weight (whole, or tile by tile for the vocab-sized LM head) into a reused
+    buffer and runs torch's GEMM on it, in bfloat16 where the CPU has native bf16 GEMMs
+    (`gemm_dtype`), else float32. The packed kernels take float32 activations (bf16 / fp16
+    inputs are upcast and the result rounded back). Without the compiled kernels, every M uses
+    the torch reference (dequantize, then float32 matmul).
     """
 
     def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
-                 gemv_max_rows: int = GEMV_MAX_ROWS) -> None:
+                 gemv_max_rows: int | None = None, blocked_min_rows: int | None = None,
+                 gemm_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         ks = {s.shape[1] for s in segments}
         if len(ks) != 1:
             raise ValueError(f"segments disagree on in_features: {ks}")
         self.in_features = ks.pop()
         self.out_features = sum(s.shape[0] for s in segments)
-        self.gemv_max_rows = gemv_max_rows
+        self.gemm_dtype = gemm_dtype if gemm_dtype is not None else default_gemm_dtype()
+        self.gemv_max_rows = (gemv_max_rows if gemv_max_rows is not None
+                              else gemv_max_rows_for(self.gemm_dtype))
+        self.blocked_min_rows = (blocked_min_rows if blocked_min_rows is not None
+                                 else blocked_min_rows_for(self.out_features, self.in_features))
         self.formats: list[str] = []
         self.sources: list[str] = []
         self._rows: list[int] = []
@@ -252,6 +304,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float().contiguous(),
                              persistent=False)
         self._segs: list[Segment] | None = None  # segment views, rebuilt after .to() / _apply
+        # True: widened-GEMM products come back in gemm_dtype, not x's dtype, for a caller that
+        # takes either (the MLP's gate/up: its activation feeds down_proj's bf16 GEMM, so two
+        # conversions of [M, 2I] / [M, I] are skipped; o_proj: added into the float32
+        # residual). Set by the model builder.
+        self.gemm_out = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         out = super()._apply(fn, recurse)
@@ -271,54 +328,84 @@ class QuantLinear(nn.Module):
                            getattr(self, f"scales{i}"), self.sources[i])
 
     def kernel_for(self, m: int, device: torch.device | None = None) -> str:
-        """Which path a product with `m` rows takes: "packed-gemv", "widen-tile+gemm" or
-        "reference" (no compiled kernels, or not on the CPU)."""
+        """Which path a product with `m` rows takes: "packed-gemv" (the row kernel),
+        "packed-blocked", "widen+gemm-float32" / "widen+gemm-bfloat16", or "reference" (no
+        compiled kernels, or not on the CPU)."""
         dev = device if device is not None else next(iter(self.buffers())).device
         if dev.type != "cpu" or not quant_kernels.available():
             return "reference"
-        return "packed-gemv" if m < self.gemv_max_rows else "widen-tile+gemm"
+        if m < self.gemv_max_rows:
+            return "packed-gemv" if m < self.blocked_min_rows else "packed-blocked"
+        return f"widen+gemm-{str(self.gemm_dtype).replace('torch.', '')}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
         m = x.shape[0]
-        x32 = x if x.dtype == torch.float32 else x.float()
-        if x32.stride(-1) != 1:
-            x32 = x32.contiguous()
         segs = self.segments()
         if x.device.type != "cpu" or not quant_kernels.available():
             w = torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize() for s in segs])
-            return F.linear(x32, w, self.bias).to(x.dtype)
+            return F.linear(x.float(), w, self.bias).to(x.dtype)
+        if m >= self.gemv_max_rows:
+            return self._gemm(x, segs)
+        x32 = x if x.dtype == torch.float32 else x.float()
+        if x32.stride(-1) != 1:
+            x32 = x32.contiguous()
         out = torch.empty(m, self.out_features, dtype=torch.float32)
-        gemv = m < self.gemv_max_rows
-        if gemv and len(segs) == 1 and isinstance(segs[0], QuantTensor):  # the decode case
-            seg = segs[0]
-            if m:
-                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, self.bias, out)
-            return out if x.dtype == torch.float32 else out.to(x.dtype)
-        if m == 0:
-            return out.to(x.dtype)
-        off = 0
-        for seg, rows in zip(segs, self._rows, strict=True):
-            dst = out[:, off:off + rows]
-            bias = None if self.bias is None else self.bias[off:off + rows]
-            if isinstance(seg, torch.Tensor):
-                dst.copy_(F.linear(x32, seg, bias))
-            elif gemv:
-                quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst)
-            else:
-                self._tiled(x32, seg, bias, dst)
-            off += rows
+        blocked = m >= self.blocked_min_rows
+        if m:
+            off = 0
+            for seg, rows in zip(segs, self._rows, strict=True):
+                dst = out if len(segs) == 1 else out[:, off:off + rows]
+                bias = (None if self.bias is None
+                        else self.bias if len(segs) == 1 else self.bias[off:off + rows])
+                if isinstance(seg, torch.Tensor):
+                    dst.copy_(F.linear(x32, seg, bias))
+                else:
+                    quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked)
+                off += rows
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
-    def _tiled(self, x32: torch.Tensor, seg: QuantTensor, bias: torch.Tensor | None,
-               dst: torch.Tensor) -> None:
-        n, k = seg.shape
+    def _gemm(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """Prefill-sized products: the weight widened to `gemm_dtype` into the per-thread
+        scratch buffer (whole when it has at most WIDEN_MAX_ELEMS elements, else tile by tile),
+        one torch GEMM per widened piece; the bias is added in float32."""
+        dt = self.gemm_dtype
+        xg = x if x.dtype == dt else x.to(dt)
+        if xg.stride(-1) != 1:
+            xg = xg.contiguous()
+        n, k = self.out_features, self.in_features
+        if n * k <= WIDEN_MAX_ELEMS:  # every layer matrix: one GEMM, no result copy
+            w = _tile_buffer(n * k, dt).view(n, k)
+            self._widen_rows(segs, 0, n, w)
+            y = torch.mm(xg, w.t())
+            if self.bias is not None:
+                y = y.float().add_(self.bias)
+            return y if y.dtype == x.dtype or self.gemm_out else y.to(x.dtype)
         step = max(1, TILE_ELEMS // k)
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
         for a in range(0, n, step):
             b = min(n, a + step)
-            tile = _tile_buffer((b - a) * k).view(b - a, k)
-            quant_kernels.dequantize(seg.fmt, seg.qs[a:b], seg.scales[a:b], k, out=tile)
-            part = F.linear(x32, tile, None if bias is None else bias[a:b])  # [M, b - a]
-            dst[:, a:b].copy_(part)
+            w = _tile_buffer((b - a) * k, dt).view(b - a, k)
+            self._widen_rows(segs, a, b, w)
+            part = torch.mm(xg, w.t())
+            if self.bias is not None:
+                part = part.float().add_(self.bias[a:b])
+            out[:, a:b] = part
+        return out
+
+    def _widen_rows(self, segs: list[Segment], a: int, b: int, w: torch.Tensor) -> None:
+        """Rows a .. b of the whole weight widened into `w` [b - a, K] (w's dtype)."""
+        off = 0
+        for seg, rows in zip(segs, self._rows, strict=True):
+            lo, hi = max(a, off), min(b, off + rows)
+            if lo < hi:
+                dst = w[lo - a:hi - a]
+                if isinstance(seg, torch.Tensor):
+                    dst.copy_(seg[lo - off:hi - off])
+                else:
+                    quant_kernels.dequantize(seg.fmt, seg.qs[lo - off:hi - off],
+                                             seg.scales[lo - off:hi - off], self.in_features,
+                                             out=dst)
+            off += rows
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -347,111 +434,3 @@ class QuantEmbedding(nn.Module):
         else:
             out = rows.dequantize()
         return out if self.dtype == torch.float32 else out.to(self.dtype)
-
-
-# ---- what a loaded model runs -----------------------------------------------------------------
-@dataclass
-class QuantReport:
-    """What load-time quantization did: per-tensor relative errors and the formats chosen."""
-
-    mode: str
-    errors: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> rel. error
-    formats: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> format/source
-
-    def summary(self) -> dict[str, Any]:
-        errs = list(self.errors.values())
-        out: dict[str, Any] = {"mode": self.mode, "tensors": len(self.formats)}
-        if errs:
-            out["rel_error_max"] = max(errs)
-            out["rel_error_mean"] = sum(errs) / len(errs)
-            out["rel_error_worst"] = max(self.errors, key=self.errors.__getitem__)
-        return out
-
-
-def _is_matrix(hf_name: str) -> bool:
-    return hf_name.endswith("_proj.weight") or hf_name in ("lm_head.weight",
-                                                           "model.embed_tokens.weight")
-
-
-def quantizing_getter(ckpt: Any, report: QuantReport) -> Any:
-    """`ckpt.get` (name -> float tensor) wrapped for `report.mode`: matrices come back as
-    QuantTensors (from the GGUF's own blocks for "gguf", quantized here for "int4" / "int8"),
-    everything else as before. Records formats and errors in `report` (thread-safe: one dict
-    item per name)."""
-    mode = report.mode
-
-    def get(name: str) -> torch.Tensor | QuantTensor:
-        if not _is_matrix(name):
-            return ckpt.get(name)
-        if mode == "gguf":
-            qt = ckpt.get_quant(name)
-            if qt is None:  # a type without a packed kernel (F16, F32, K-quants): widened
-                report.formats[name] = "float32 (widened)"
-                return ckpt.get(name)
-            report.formats[name] = f"{qt.fmt} ({qt.source})"
-            return qt
-        embedding = name in ("lm_head.weight", "model.embed_tokens.weight")
-        fmt = "int8" if mode == "int8" or embedding else "int4"
-        w = ckpt.get(name)
-        qt = quantize(w, fmt)
-        report.errors[name] = relative_error(w, qt)
-        report.formats[name] = fmt
-        return qt
-
-    return get
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer of `model`, each tensor counted once."""
-    seen: set[int] = set()
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "meta":
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    # oneDNN-prepacked weights (layers.Linear.packed, the LM head's copy) have no storage view.
-    packed = [getattr(m, "packed", None) for m in model.modules()]
-    packed.append(getattr(model, "lm_head_packed", None))
-    total += sum(t.numel() * t.element_size() for t in packed if t is not None)
-    return total
-
-
-def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str, Any]:
-    """Which kernels and dtypes a model's products use, its weight bytes, and (for load-time
-    quantization) the error report: for cache_stats() and the server's startup line."""
-    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    formats: dict[str, int] = {}
-    for lin in linears:
-        for f, s in zip(lin.formats, lin.sources, strict=True):
-            key = f"{f} ({s})"
-            formats[key] = formats.get(key, 0) + 1
-    emb = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
-    floats = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    info: dict[str, Any] = {
-        "quantization": report.mode if report is not None else None,
-        "weight_bytes": weight_bytes(model),
-        "float_linears": len(floats),
-        "quantized_linears": len(linears),
-        "quantized_formats": formats,
-        "embedding": f"{emb[0].fmt} ({emb[0].source})" if emb else "float",
-        "float_linear_kernel": getattr(model, "cpu_kernel", "torch F.linear"),
-    }
-    if linears:
-        ready = quant_kernels.available()
-        info["activations"] = "float32"
-        info["kernels"] = {
-            f"M < {linears[0].gemv_max_rows}": (
-                "packed int4/int8 GEMV (C++ "
-                + ("AVX2+FMA" if quant_kernels.simd() else "scalar") + ", OpenMP)"
-                if ready else "torch reference (dequantize + matmul)"),
-            f"M >= {linears[0].gemv_max_rows}": (
-                "widened float32 tiles + torch GEMM" if ready
-                else "torch reference (dequantize + matmul)"),
-        }
-    if report is not None:
-        info["quant_report"] = report.summary()
-    return info

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,35 +63,73 @@ def simd() -> bool:
     return available() and _simd
 
 
+_declared: set[str] = set()
+_EXTRA_ARGS = {  # entry points declared on first use (beside those `_load` declares)
+    "rkv_qgemm_blocked": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
+    "rkv_dequant_bf16": ["i64"] * 3 + ["ptr"] * 3 + ["i64"] * 2,
+}
+
+
+def _fn(lib: ctypes.CDLL, name: str) -> Any:
+    """`lib.name` with its argument types declared."""
+    fn = getattr(lib, name)
+    if name not in _declared:
+        types = {"i64": ctypes.c_int64, "ptr": ctypes.c_void_p}
+        fn.argtypes = [types[t] for t in _EXTRA_ARGS[name]]
+        fn.restype = ctypes.c_int64
+        _declared.add(name)
+    return fn
+
+
+def width() -> int:
+    """The SIMD width in floats the kernels were built for: 16 (AVX-512), 8 (AVX2), 1 (scalar
+    C++), 0 (not built)."""
+    if not available():
+        return 0
+    fn = getattr(_lib, "rkv_qgemm_width", None)
+    if fn is None:
+        return 8 if _simd else 1
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
-          bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+          bias: torch.Tensor | None, out: torch.Tensor, blocked: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W.T (+ bias), W [N, K] packed as (qs, scales) in format `fmt`.
 
     x: float32 with unit last stride; out: float32 [M, N] view with unit last stride (it may be a
     column slice of a wider tensor); bias: float32 [N] or None. Caller checks shapes.
+    `blocked`: the kernel that widens blocks of W into L1 once for all M rows and runs a 4 x 3
+    register tile over them (faster from a few rows on); else the row kernel, which widens each
+    group in registers once per 8 rows of x (fastest for decode's 1-4 rows).
     """
     lib = _lib or _load()
     assert lib is not None, "quant_kernels.qgemm called without available()"
     m, k = x.shape
-    code = lib.rkv_qgemm(FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0),
-                         qs.data_ptr(), scales.data_ptr(),
-                         bias.data_ptr() if bias is not None else None,
-                         out.data_ptr(), out.stride(0), torch.get_num_threads())
+    fn = _fn(lib, "rkv_qgemm_blocked") if blocked else lib.rkv_qgemm
+    code = fn(FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0),
+              qs.data_ptr(), scales.data_ptr(),
+              bias.data_ptr() if bias is not None else None,
+              out.data_ptr(), out.stride(0), torch.get_num_threads())
     if code:
         raise RuntimeError(f"rkv_qgemm failed with code {code}")
     return out
 
 
 def dequantize(fmt: str, qs: torch.Tensor, scales: torch.Tensor, k: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """W [N, K] widened to float32 (into `out` [N, K] when given; unit last stride)."""
+               out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """W [N, K] widened to float32, or bfloat16 (rounded to nearest even) with
+    `dtype=torch.bfloat16`, into `out` [N, K] of that dtype when given (unit last stride)."""
     lib = _lib or _load()
     assert lib is not None, "quant_kernels.dequantize called without available()"
     n = qs.shape[0]
     if out is None:
-        out = torch.empty(n, k, dtype=torch.float32)
-    code = lib.rkv_dequant(FORMATS[fmt], n, k, qs.data_ptr(), scales.data_ptr(),
-                           out.data_ptr(), out.stride(0), torch.get_num_threads())
+        out = torch.empty(n, k, dtype=dtype)
+    fn = lib.rkv_dequant if out.dtype == torch.float32 else _fn(lib, "rkv_dequant_bf16")
+    assert out.dtype in (torch.float32, torch.bfloat16), f"cannot widen to {out.dtype}"
+    code = fn(FORMATS[fmt], n, k, qs.data_ptr(), scales.data_ptr(),
+              out.data_ptr(), out.stride(0), torch.get_num_threads())
     if code:
         raise RuntimeError(f"rkv_dequant failed with code {code}")
     return out

@@ -31,6 +31,11 @@
 #else
 #define RKV_AVX2 0
 #endif
+#if RKV_AVX2 && defined(__AVX512F__)
+#define RKV_AVX512 1  // the same kernels on 16-float vectors (32 registers)
+#else
+#define RKV_AVX512 0
+#endif
 
 namespace {
 
@@ -83,61 +88,96 @@ inline void widen_scalar(int64_t fmt, const uint8_t* qs, const uint16_t* sc, int
 }
 
 #if RKV_AVX2
-inline float hsum8(__m256 v) {
+// ---- one SIMD vector of floats: AVX-512 (16 lanes) where compiled in, else AVX2 (8) ----------
+#if RKV_AVX512
+using vf = __m512;
+constexpr int W = 16;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#else
+using vf = __m256;
+constexpr int W = 8;
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+#endif
+constexpr int NV = G / W;  // vectors per group; vector j holds elements j * W .. j * W + W - 1
 
-// Widen one group into w[0..3] (elements 0-7, 8-15, 16-23, 24-31).
+// Widen group `idx` (row * groups + g) into w[0 .. NV).
 template <int64_t F>
-inline void widen(const uint8_t* qs, const uint16_t* sc, int64_t idx, __m256 w[4]) {
+inline void widen(const uint8_t* qs, const uint16_t* sc, int64_t idx, vf w[NV]) {
   if constexpr (F == INT4) {
     const __m128i raw = _mm_loadu_si128((const __m128i*)(qs + idx * 16));
     const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    const __m128i lo = _mm_and_si128(raw, mask);  // elements 0 .. 15
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  // elements 16 .. 31
+#if RKV_AVX512
+    const __m512 d = _mm512_set1_ps(_cvtsh_ss(sc[idx * 2]));
+    const __m512 m = _mm512_set1_ps(_cvtsh_ss(sc[idx * 2 + 1]));
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, m);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, m);
+#else
     const __m256 d = _mm256_set1_ps(_cvtsh_ss(sc[idx * 2]));
     const __m256 m = _mm256_set1_ps(_cvtsh_ss(sc[idx * 2 + 1]));
     w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, m);
     w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), d, m);
     w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, m);
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), d, m);
+#endif
   } else {
     const int8_t* q = (const int8_t*)qs + idx * 32;
+#if RKV_AVX512
+    const __m512 d = _mm512_set1_ps(_cvtsh_ss(sc[idx]));
+    for (int j = 0; j < 2; ++j) {
+      const __m128i b = _mm_loadu_si128((const __m128i*)(q + 16 * j));
+      w[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
+    }
+#else
     const __m256 d = _mm256_set1_ps(_cvtsh_ss(sc[idx]));
     for (int j = 0; j < 4; ++j) {
       const __m128i b = _mm_loadl_epi64((const __m128i*)(q + 8 * j));
       w[j] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
     }
+#endif
   }
 }
 
-// Rows m0 .. m0 + MT of x times row n of W. A accumulators per x row keep the FMA chains
-// independent (one row alone needs 4 to hide the FMA latency; 8 rows fill the registers).
+// ---- row kernel (decode: 1 to a few rows of x) --------------------------------------------------
+// Rows m0 .. m0 + MT of x times row n of W: each group is widened once in registers and used by
+// the MT rows. A accumulators per x row keep enough FMA chains independent when MT is small.
 template <int64_t F, int MT>
 inline void tile(const float* x, int64_t ldx, const uint8_t* qs, const uint16_t* sc, int64_t n,
                  int64_t groups, float* out /* [MT] */) {
-  constexpr int A = MT >= 4 ? 1 : 4 / MT;
-  __m256 acc[MT][A];
+  constexpr int A = MT >= NV ? 1 : NV / MT;
+  vf acc[MT][A];
   for (int i = 0; i < MT; ++i)
-    for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
+    for (int a = 0; a < A; ++a) acc[i][a] = vzero();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 w[4];
+    vf w[NV];
     widen<F>(qs, sc, n * groups + g, w);
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
       const float* xp = x + i * ldx + g * G;
 #pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j)
-        acc[i][j % A] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp + 8 * j), acc[i][j % A]);
+      for (int j = 0; j < NV; ++j) acc[i][j % A] = vfma(w[j], vload(xp + W * j), acc[i][j % A]);
     }
   }
   for (int i = 0; i < MT; ++i) {
-    __m256 s = acc[i][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[i][a]);
-    out[i] = hsum8(s);
+    vf s = acc[i][0];
+    for (int a = 1; a < A; ++a) s = vadd(s, acc[i][a]);
+    out[i] = vsum(s);
   }
 }
 
@@ -163,6 +203,124 @@ void row_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, const 
     default: break;
   }
   for (int64_t i = 0; i < rest; ++i) y[(m + i) * ldy + n] = r[i] + b;
+}
+
+// ---- blocked kernel (a few dozen rows of x) ---------------------------------------------------
+// The row kernel widens every group once per 8 rows of x and then needs one load of x per FMA,
+// so from ~8-16 rows on it runs at the load ports' rate, not the FMA units'. This one widens a
+// block of NB weight rows once into a per-thread float32 buffer that stays in L1 (NB * K * 4
+// bytes <= BLOCK_BYTES), then sweeps all M rows of x over it with an MR x NR register tile: per
+// vector of K, MR loads of x + NR of W feed MR * NR independent FMAs (accumulators + NR weight
+// vectors + one x vector fill the register file: 16 ymm for 4 x 3, 32 zmm for 4 x 6), and the
+// widening is shared by all M rows.
+constexpr int MR = 4;
+#if RKV_AVX512
+constexpr int NR = 6;
+#else
+constexpr int NR = 3;
+#endif
+constexpr int64_t BLOCK_BYTES = 16 << 10;  // the widened block; with a 4-row x tile it fits L1
+
+template <int R, int C>
+inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
+                  const float* b /* [C] */) {
+  vf acc[R][C];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 6
+    for (int j = 0; j < C; ++j) acc[i][j] = vzero();
+  for (int64_t k = 0; k < K; k += W) {
+    vf wv[C];
+#pragma GCC unroll 6
+    for (int j = 0; j < C; ++j) wv[j] = vload(w + j * K + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const vf xv = vload(x + i * ldx + k);
+#pragma GCC unroll 6
+      for (int j = 0; j < C; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 6
+    for (int j = 0; j < C; ++j) y[i * ldy + j] = vsum(acc[i][j]) + b[j];
+}
+
+template <int R>
+inline void micro_cols(int c, const float* x, int64_t ldx, const float* w, int64_t K, float* y,
+                       int64_t ldy, const float* b) {
+  switch (c) {
+#if RKV_AVX512
+    case 6: micro<R, 6>(x, ldx, w, K, y, ldy, b); break;
+    case 5: micro<R, 5>(x, ldx, w, K, y, ldy, b); break;
+    case 4: micro<R, 4>(x, ldx, w, K, y, ldy, b); break;
+#endif
+    case 3: micro<R, 3>(x, ldx, w, K, y, ldy, b); break;
+    case 2: micro<R, 2>(x, ldx, w, K, y, ldy, b); break;
+    case 1: micro<R, 1>(x, ldx, w, K, y, ldy, b); break;
+    default: break;
+  }
+}
+
+inline void micro_any(int r, int c, const float* x, int64_t ldx, const float* w, int64_t K,
+                      float* y, int64_t ldy, const float* b) {
+  switch (r) {
+    case 4: micro_cols<4>(c, x, ldx, w, K, y, ldy, b); break;
+    case 3: micro_cols<3>(c, x, ldx, w, K, y, ldy, b); break;
+    case 2: micro_cols<2>(c, x, ldx, w, K, y, ldy, b); break;
+    case 1: micro_cols<1>(c, x, ldx, w, K, y, ldy, b); break;
+    default: break;
+  }
+}
+
+// Rows n0 .. n0 + nb of W times all M rows of x, through the widened buffer `buf` [nb, K].
+template <int64_t F>
+void block_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, const uint16_t* sc,
+                 int64_t n0, int64_t nb, int64_t K, const float* bias, float* y, int64_t ldy,
+                 float* buf) {
+  const int64_t groups = K / G;
+  for (int64_t r = 0; r < nb; ++r) {
+    float* o = buf + r * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      vf w[NV];
+      widen<F>(qs, sc, (n0 + r) * groups + g, w);
+      for (int j = 0; j < NV; ++j) vstore(o + g * G + W * j, w[j]);
+    }
+  }
+  float b[NR];
+  for (int64_t m = 0; m < M; m += MR) {
+    const int r = (int)(M - m < MR ? M - m : MR);
+    for (int64_t j = 0; j < nb; j += NR) {
+      const int c = (int)(nb - j < NR ? nb - j : NR);
+      for (int t = 0; t < c; ++t) b[t] = bias ? bias[n0 + j + t] : 0.0f;
+      micro_any(r, c, x + m * ldx, ldx, buf + j * K, K, y + m * ldy + n0 + j, ldy, b);
+    }
+  }
+}
+
+// Group `idx` widened and rounded to bfloat16 (nearest even) into o[0 .. 32).
+template <int64_t F>
+inline void widen_bf16(const uint8_t* qs, const uint16_t* sc, int64_t idx, uint16_t* o) {
+  vf w[NV];
+  widen<F>(qs, sc, idx, w);
+#if RKV_AVX512 && defined(__AVX512BF16__)
+  // one instruction rounds both halves to bf16 (nearest even, as the AVX2 code below)
+  _mm512_storeu_si512((void*)o, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+#else
+  alignas(64) float f[G];
+  for (int j = 0; j < NV; ++j) vstore(f + W * j, w[j]);
+  const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
+  __m256i h[4];
+  for (int j = 0; j < 4; ++j) {
+    const __m256i b = _mm256_castps_si256(_mm256_load_ps(f + 8 * j));
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
+    h[j] = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(half, lsb)), 16);
+  }
+  for (int j = 0; j < 4; j += 2) {  // packus interleaves 128-bit lanes; the permute undoes it
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[j], h[j + 1]), 0xD8);
+    _mm256_storeu_si256((__m256i*)(o + 8 * j), p);
+  }
+#endif
 }
 #endif
 
@@ -216,6 +374,39 @@ int64_t rkv_qgemm(int64_t fmt, int64_t M, int64_t N, int64_t K, const float* x, 
   return OK;
 }
 
+// The same product by the blocked kernel (the faster one from ~8 rows of x on; see
+// bench/quant_kernels.py). Without AVX2 it is the scalar row code. Returns a Status.
+int64_t rkv_qgemm_blocked(int64_t fmt, int64_t M, int64_t N, int64_t K, const float* x,
+                          int64_t ldx, const uint8_t* qs, const uint16_t* sc, const float* bias,
+                          float* y, int64_t ldy, int64_t nthreads) {
+#if RKV_AVX2
+  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
+  if (M < 0 || N < 0 || K <= 0 || K % G != 0 || ldx < K || ldy < N) return BAD_SHAPE;
+  int64_t nb = (BLOCK_BYTES / 4 / K) / NR * NR;
+  if (nb < NR) nb = NR;  // wide K: the block spills to L2, still widened once for all M
+  const int64_t blocks = (N + nb - 1) / nb;
+  const int nt = threads_for(M * N * K, nthreads);
+  (void)nt;
+#pragma omp parallel num_threads(nt)
+  {
+    float* buf = new float[nb * K];
+#pragma omp for schedule(static)
+    for (int64_t bi = 0; bi < blocks; ++bi) {
+      const int64_t n0 = bi * nb;
+      const int64_t rows = N - n0 < nb ? N - n0 : nb;
+      if (fmt == INT4)
+        block_all_m<INT4>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf);
+      else
+        block_all_m<INT8>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf);
+    }
+    delete[] buf;
+  }
+  return OK;
+#else
+  return rkv_qgemm(fmt, M, N, K, x, ldx, qs, sc, bias, y, ldy, nthreads);
+#endif
+}
+
 // out[n, :] = W[n, :] widened to float32 (row stride ldo), for n < N; returns a Status.
 int64_t rkv_dequant(int64_t fmt, int64_t N, int64_t K, const uint8_t* qs, const uint16_t* sc,
                     float* out, int64_t ldo, int64_t nthreads) {
@@ -229,12 +420,12 @@ int64_t rkv_dequant(int64_t fmt, int64_t N, int64_t K, const uint8_t* qs, const 
     for (int64_t g = 0; g < groups; ++g) {
       float* o = out + n * ldo + g * G;
 #if RKV_AVX2
-      __m256 w[4];
+      vf w[NV];
       if (fmt == INT4)
         widen<INT4>(qs, sc, n * groups + g, w);
       else
         widen<INT8>(qs, sc, n * groups + g, w);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 8 * j, w[j]);
+      for (int j = 0; j < NV; ++j) vstore(o + W * j, w[j]);
 #else
       widen_scalar(fmt, qs, sc, n, groups, g, o);
 #endif
@@ -243,7 +434,48 @@ int64_t rkv_dequant(int64_t fmt, int64_t N, int64_t K, const uint8_t* qs, const 
   return OK;
 }
 
+// out[n, :] = W[n, :] widened and rounded to bfloat16 (round to nearest even; uint16 bits, row
+// stride ldo), for n < N: the weight operand of a native bf16 GEMM. Returns a Status.
+int64_t rkv_dequant_bf16(int64_t fmt, int64_t N, int64_t K, const uint8_t* qs,
+                         const uint16_t* sc, uint16_t* out, int64_t ldo, int64_t nthreads) {
+  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
+  if (N < 0 || K <= 0 || K % G != 0 || ldo < K) return BAD_SHAPE;
+  const int64_t groups = K / G;
+  const int nt = threads_for(N * K, nthreads);
+  (void)nt;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      uint16_t* o = out + n * ldo + g * G;
+#if RKV_AVX2
+      if (fmt == INT4)
+        widen_bf16<INT4>(qs, sc, n * groups + g, o);
+      else
+        widen_bf16<INT8>(qs, sc, n * groups + g, o);
+#else
+      float f[G];
+      widen_scalar(fmt, qs, sc, n, groups, g, f);
+      for (int j = 0; j < G; ++j) {
+        uint32_t b;
+        std::memcpy(&b, &f[j], 4);
+        o[j] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+      }
+#endif
+    }
+  }
+  return OK;
+}
+
 // 1 when the AVX2 + FMA + F16C code was compiled in, 0 for the portable scalar code.
 int64_t rkv_qgemm_simd() { return RKV_AVX2; }
+
+// The SIMD width in floats the kernels were compiled for: 16 (AVX-512), 8 (AVX2), 1 (scalar).
+int64_t rkv_qgemm_width() {
+#if RKV_AVX2
+  return W;
+#else
+  return 1;
+#endif
+}
 
 }  // extern "C"

@@ -1,0 +1,129 @@
+"""What a quantized model runs: the load-time report, the `quantization=` tensor getter, weight
+bytes and `kernel_info` (for `cache_stats()` and the server's startup line)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from radixkv.model import quant_kernels
+from radixkv.model.quant import QuantEmbedding, QuantLinear, QuantTensor, quantize, relative_error
+
+
+# ---- what a loaded model runs -----------------------------------------------------------------
+@dataclass
+class QuantReport:
+    """What load-time quantization did: per-tensor relative errors and the formats chosen."""
+
+    mode: str
+    errors: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> rel. error
+    formats: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> format/source
+
+    def summary(self) -> dict[str, Any]:
+        errs = list(self.errors.values())
+        out: dict[str, Any] = {"mode": self.mode, "tensors": len(self.formats)}
+        if errs:
+            out["rel_error_max"] = max(errs)
+            out["rel_error_mean"] = sum(errs) / len(errs)
+            out["rel_error_worst"] = max(self.errors, key=self.errors.__getitem__)
+        return out
+
+
+def _is_matrix(hf_name: str) -> bool:
+    return hf_name.endswith("_proj.weight") or hf_name in ("lm_head.weight",
+                                                           "model.embed_tokens.weight")
+
+
+def quantizing_getter(ckpt: Any, report: QuantReport) -> Any:
+    """`ckpt.get` (name -> float tensor) wrapped for `report.mode`: matrices come back as
+    QuantTensors (from the GGUF's own blocks for "gguf", quantized here for "int4" / "int8"),
+    everything else as before. Records formats and errors in `report` (thread-safe: one dict
+    item per name)."""
+    mode = report.mode
+
+    def get(name: str) -> torch.Tensor | QuantTensor:
+        if not _is_matrix(name):
+            return ckpt.get(name)
+        if mode == "gguf":
+            qt = ckpt.get_quant(name)
+            if qt is None:  # a type without a packed kernel (F16, F32, K-quants): widened
+                report.formats[name] = "float32 (widened)"
+                return ckpt.get(name)
+            report.formats[name] = f"{qt.fmt} ({qt.source})"
+            return qt
+        embedding = name in ("lm_head.weight", "model.embed_tokens.weight")
+        fmt = "int8" if mode == "int8" or embedding else "int4"
+        w = ckpt.get(name)
+        qt = quantize(w, fmt)
+        report.errors[name] = relative_error(w, qt)
+        report.formats[name] = fmt
+        return qt
+
+    return get
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `model`, each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    # oneDNN-prepacked weights (layers.Linear.packed, the LM head's copy) have no storage view.
+    packed = [getattr(m, "packed", None) for m in model.modules()]
+    packed.append(getattr(model, "lm_head_packed", None))
+    total += sum(t.numel() * t.element_size() for t in packed if t is not None)
+    return total
+
+
+def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str, Any]:
+    """Which kernels and dtypes a model's products use, its weight bytes, and (for load-time
+    quantization) the error report: for cache_stats() and the server's startup line."""
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    formats: dict[str, int] = {}
+    for lin in linears:
+        for f, s in zip(lin.formats, lin.sources, strict=True):
+            key = f"{f} ({s})"
+            formats[key] = formats.get(key, 0) + 1
+    emb = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
+    floats = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    info: dict[str, Any] = {
+        "quantization": report.mode if report is not None else None,
+        "weight_bytes": weight_bytes(model),
+        "float_linears": len(floats),
+        "quantized_linears": len(linears),
+        "quantized_formats": formats,
+        "embedding": f"{emb[0].fmt} ({emb[0].source})" if emb else "float",
+        "float_linear_kernel": getattr(model, "cpu_kernel", "torch F.linear"),
+    }
+    if linears:
+        ready = quant_kernels.available()
+        lin = linears[0]
+        gemm = str(lin.gemm_dtype).replace("torch.", "")
+        isa = {16: "AVX-512", 8: "AVX2+FMA"}.get(quant_kernels.width(), "scalar")
+        lo, hi = lin.blocked_min_rows, lin.gemv_max_rows
+        ref = "torch reference (dequantize + float32 matmul)"
+        info["activations"] = (f"float32 (packed kernels), {gemm} (widened GEMM)" if ready
+                               else "float32")
+        info["gemm_dtype"] = gemm if ready else "float32"
+        upper = f" < {hi}" if hi < 1 << 40 else ""
+        info["kernels"] = {
+            f"M < {lo}": f"packed int4/int8 row kernel (C++ {isa}, OpenMP)" if ready else ref,
+            f"{lo} <= M{upper}": (f"packed int4/int8 blocked kernel (C++ {isa}, OpenMP)"
+                                  if ready else ref),
+        }
+        if hi < 1 << 40:
+            info["kernels"][f"M >= {hi}"] = (f"weight widened to {gemm} + torch GEMM" if ready
+                                             else ref)
+    if report is not None:
+        info["quant_report"] = report.summary()
+    return info
