@@ -320,3 +320,28 @@ def test_context_manager_and_dropped_llm_leave_no_thread(tiny_llama_dir):  # noq
     thread.join(10)
     assert not thread.is_alive()  # an LLM nobody references stops its loop
     assert engine_threads() <= before
+
+
+def test_engine_is_built_on_the_loop_thread_and_build_errors_reach_the_caller(
+        tiny_llama_dir) -> None:  # noqa: F811
+    """The model load and engine build run on the loop thread (one OpenMP pool for all the
+    engine's compute); an error there is raised by the constructor and no thread is left."""
+    from radixkv.engine.engine_loop import EngineLoop
+    from radixkv.errors import ModelLoadError
+    before = engine_threads()
+    with pytest.raises(ModelLoadError):
+        LLM(str(tiny_llama_dir / "no-such-model.gguf"), max_total_tokens=64)
+    built_on: list[threading.Thread] = []
+
+    def build():
+        built_on.append(threading.current_thread())
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        EngineLoop(build)
+    assert built_on and built_on[0] is not threading.current_thread()
+    built_on[0].join(10)
+    assert engine_threads() <= before
+    with LLM(str(tiny_llama_dir), max_total_tokens=256) as llm:
+        assert llm.loop.engine.lm is llm.lm  # the loop's engine, loaded by its thread
+        assert llm.generate([[5, 6, 7]], GREEDY)[0].outputs[0].token_ids

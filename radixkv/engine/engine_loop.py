@@ -72,15 +72,36 @@ def _stop_all_loops() -> None:  # no engine thread outlives the interpreter
 class EngineLoop:
     """Runs `engine.step()` on its own thread while requests exist; see the module docstring."""
 
-    def __init__(self, engine: Engine, name: str = "radixkv-engine") -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine],
+                 name: str = "radixkv-engine") -> None:
+        """`engine`: the engine, or a function that builds it (called on the loop thread).
+
+        Why build it there: every torch op with OpenMP parallelism should run on one thread.
+        Each thread that runs a parallel region gets its own libgomp thread pool, and with more
+        pool threads than cores libgomp stops spinning between regions, so each region pays a
+        futex wake-up. Measured on 2 cores, a oneDNN decode product + the attention kernel ran
+        2x slower on a thread other than the one that had loaded the weights (85 vs 188 us).
+        Building the engine (model load, weight packing) on the loop thread keeps all of it on
+        one pool. A caller's own parallel torch work on other threads brings the slowdown back.
+        """
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}  # loop thread only
         self._live: set[str] = set()  # request ids submitted and not yet delivered as finished
         self._live_lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        factory = engine if not isinstance(engine, Engine) else None
+        self.engine: Engine = engine if isinstance(engine, Engine) else None  # type: ignore
+        ready: concurrent.futures.Future[Engine] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(factory, ready), name=name,
+                                        daemon=True)
         self._thread.start()
+        try:
+            self.engine = ready.result()  # the factory's exception, if it raised
+        except BaseException:
+            with self._live_lock:  # e.g. Ctrl-C during the load: the thread ends after it
+                self._closed = True
+                self._inbox.put(_STOP)
+            raise
         _LOOPS.add(self)
 
     # ---- caller side (any thread) -----------------------------------------------------------
@@ -131,6 +152,17 @@ class EngineLoop:
             self._thread.join(timeout)
 
     # ---- loop thread ------------------------------------------------------------------------
+    def _main(self, factory: Callable[[], Engine] | None,
+              ready: concurrent.futures.Future[Engine]) -> None:
+        try:
+            if factory is not None:
+                self.engine = factory()
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+            ready.set_exception(exc)
+            return
+        ready.set_result(self.engine)
+        self._run()
+
     def _run(self) -> None:
         engine = self.engine
         while True:

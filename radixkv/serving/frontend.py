@@ -65,34 +65,42 @@ class Frontend:
                      chunked_prefill_size=chunked_prefill_size, seed=seed, kv_store=kv_store,
                      kv_store_write_through=kv_store_write_through, kv_cache_dtype=kv_cache_dtype)
         # An already loaded model may be shared, e.g. by a cache-on and a cache-off LLM in an
-        # A/B run; each front end still has its own pools, tree and loop.
-        self.lm = model if isinstance(model, LoadedModel) else load_model(
-            model, dtype=dtype, device=device, quantization=quantization)
+        # A/B run; each front end still has its own pools, tree and loop. The model is loaded
+        # and the engine built on the loop thread (see EngineLoop: one OpenMP pool).
+
+        def build() -> Engine:
+            lm = model if isinstance(model, LoadedModel) else load_model(
+                model, dtype=dtype, device=device, quantization=quantization)
+            # (no `self` in here: the loop thread keeps this function, and must not keep the
+            # front end alive, whose finalizer stops the loop)
+            tokens = max_total_tokens or Frontend._auto_pool_size(lm, kv_cache_dtype)
+            return Engine(lm, EngineConfig(
+                max_total_tokens=tokens, max_running_requests=max_running_requests,
+                page_size=page_size, enable_prefix_cache=enable_prefix_cache,
+                schedule_policy=schedule_policy, chunked_prefill_size=chunked_prefill_size,
+                seed=seed, kv_store=kv_store, kv_store_write_through=kv_store_write_through,
+                kv_cache_dtype=kv_cache_dtype))
+
+        self.loop = EngineLoop(build)
+        self.engine = self.loop.engine
+        self.lm = self.engine.lm
         self.tokenizer = self.lm.tokenizer
-        if max_total_tokens is None:
-            max_total_tokens = self._auto_pool_size(kv_cache_dtype)
-        self.engine = Engine(self.lm, EngineConfig(
-            max_total_tokens=max_total_tokens, max_running_requests=max_running_requests,
-            page_size=page_size, enable_prefix_cache=enable_prefix_cache,
-            schedule_policy=schedule_policy, chunked_prefill_size=chunked_prefill_size,
-            seed=seed, kv_store=kv_store, kv_store_write_through=kv_store_write_through,
-            kv_cache_dtype=kv_cache_dtype))
-        self.loop = EngineLoop(self.engine)
         # The loop thread references the engine, not this object: once nobody holds the front
         # end, stop its loop, or the thread and the KV pool would live until interpreter exit.
         weakref.finalize(self, self.loop.shutdown, 0.0)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-{id(self):x}"
 
-    def _auto_pool_size(self, kv_cache_dtype: str) -> int:
-        cfg = self.lm.config
+    @staticmethod
+    def _auto_pool_size(lm: LoadedModel, kv_cache_dtype: str) -> int:
+        cfg = lm.config
         per_token = pool_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                       parse_kv_cache_dtype(kv_cache_dtype, self.lm.dtype))
-        budget = int(free_memory_bytes(self.lm.device) * AUTO_MEMORY_FRACTION)
+                                       parse_kv_cache_dtype(kv_cache_dtype, lm.dtype))
+        budget = int(free_memory_bytes(lm.device) * AUTO_MEMORY_FRACTION)
         # The cap bounds memory (MAX_AUTO_TOKENS tokens at the model dtype), so a quantized pool
         # holds proportionally more tokens under it too.
         cap = MAX_AUTO_TOKENS * pool_bytes_per_token(cfg.num_layers, cfg.num_kv_heads,
-                                                   cfg.head_dim, self.lm.dtype) // per_token
+                                                   cfg.head_dim, lm.dtype) // per_token
         return max(1, min(budget // per_token, cap))
 
     # ---- facts callers may read -------------------------------------------------------------
