@@ -10,7 +10,8 @@ phase so machine load hits them alike:
   evaluated once and copied to every sequence, one decode batch per step), in each of its KV
   modes (--llamacpp-batched: one unified cell pool or one stream per sequence, flash attention
   auto / off), the best of them compared;
-- prefill of a fresh 512-token prompt (best of --reps), against radixkv float32 and bfloat16;
+- prefill of a fresh 512-token prompt (best of --reps; radixkv: `generate` of one token, so
+  the engine's step is included), against radixkv float32 and bfloat16;
 - loaded-model memory (radixkv: bytes of its weights; llama.cpp: llama_model_size).
 Prints figures and ratios measured in this one run; asserts nothing.
 Run: `.venv/bin/python -m bench.quant [--quick] [--modes gguf,int8] [--threads 2]`.
@@ -31,8 +32,7 @@ import torch
 
 from bench.engine import shared_prompts
 from radixkv import LLM, SamplingParams
-from radixkv.memory import TokenToKVPool
-from radixkv.model import build_forward_context, forward_context, load_model
+from radixkv.model.loader import resolve_model
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 # llama.cpp's multi-sequence modes: name -> (kv_unified, flash_attn_type: -1 auto, 0 off, 1 on)
@@ -64,17 +64,6 @@ class LlamaCpp:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def prefill_once(lm, ids: list[int]) -> float:
-    c = lm.config
-    pool = TokenToKVPool(len(ids) + 1, c.num_layers, c.num_kv_heads, c.head_dim, dtype=lm.dtype)
-    ctx = build_forward_context(pool, [pool.alloc(len(ids))], None, logits="last")
-    x = torch.tensor(ids, dtype=torch.int64)
-    with torch.inference_mode(), forward_context(ctx):
-        start = time.perf_counter()
-        lm.model(x)
-        return time.perf_counter() - start
 
 
 def best_of(row: dict[str, Any], key: str, value: float) -> None:
@@ -117,19 +106,31 @@ def main() -> None:
     print(f"# threads {args.threads}, CPU flags {' '.join(simd)}, "
           f"load average {os.getloadavg()[0]:.1f} (start)")
 
-    systems: dict[str, Any] = {}
-    base = load_model(args.model)
-    path = base.path
+    # Every radixkv system runs in its own LLM, one alive at a time, each loading its model on
+    # its loop thread, and this thread runs no parallel torch work: each thread that runs
+    # OpenMP regions gets its own libgomp pool, and with more pool threads than cores every
+    # region pays a wake-up (~2x a decode step here; see radixkv.engine.engine_loop).
+    path = resolve_model(args.model)[0]
+    systems: dict[str, dict[str, Any]] = {}  # name -> LLM keyword arguments
     if not args.no_fp32:
-        systems["radixkv fp32"] = base
+        systems["radixkv fp32"] = {}
     for mode in args.modes.split(","):
-        systems[f"radixkv {mode}"] = load_model(path, quantization=mode)
-    bf16 = load_model(path, dtype="bfloat16")
-    probe = LLM(base, max_total_tokens=8192)
+        systems[f"radixkv {mode}"] = {"quantization": mode}
+    floats = {"radixkv fp32": {}, "radixkv bf16": {"dtype": "bfloat16"}}
+    probe = LLM(path, max_total_tokens=8192)
     prompts = shared_prompts(probe, args.requests)
+    vocab = probe.lm.config.vocab_size
+    probe.shutdown()
+    del probe
     greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    for name, lm in systems.items():
-        print(f"# {name}: {json.dumps(lm.kernel_info())}")
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def run_llm(kwargs: dict[str, Any], fn: Any, **extra: Any) -> Any:
+        llm = LLM(path, **kwargs, **extra)
+        try:
+            return fn(llm)
+        finally:
+            llm.shutdown()
 
     cpp = None
     if os.path.exists(args.llamacpp_python):
@@ -146,6 +147,9 @@ def main() -> None:
         results["llama.cpp"] = {}
     tokens: dict[str, dict[str, list[list[int]]]] = {"seq": {}, "batch": {}}
     n_new = args.requests * args.max_tokens
+    gen = torch.Generator().manual_seed(0)
+    fresh = [torch.randint(100, vocab - 100, (args.prefill,), generator=gen).tolist()
+             for _ in range(args.reps)]  # distinct ids each repetition: no cache anywhere
     try:
         # ---- one request at a time, then all at once; --rounds times, each system's best kept
         for rnd in range(args.rounds):
@@ -156,12 +160,15 @@ def main() -> None:
                 else:
                     best_of(results["llama.cpp"], "seq", n_new / r["wall"])
                     tokens["seq"]["llama.cpp"] = r["tokens"]
-            for name, lm in systems.items():
-                llm = LLM(lm, max_total_tokens=16384)
-                start = time.perf_counter()
-                outs = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
-                best_of(results[name], "seq", n_new / (time.perf_counter() - start))
-                tokens["seq"][name] = outs
+            for name, kw in systems.items():
+                def seq(llm: LLM, name: str = name, first: bool = rnd == 0) -> None:
+                    if first:
+                        print(f"# {name}: {json.dumps(llm.lm.kernel_info())}")
+                    start = time.perf_counter()
+                    outs = [llm.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+                    best_of(results[name], "seq", n_new / (time.perf_counter() - start))
+                    tokens["seq"][name] = outs
+                run_llm(kw, seq, max_total_tokens=16384)
             print(f"# round {rnd + 1}: one at a time done, load average "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
             # ---- all at once
@@ -180,33 +187,34 @@ def main() -> None:
                         results["llama.cpp"]["batch"] = tps
                         results["llama.cpp"]["batch_mode"] = variant
                         tokens["batch"]["llama.cpp"] = r["tokens"]
-            for name, lm in systems.items():
-                llm = LLM(lm, max_total_tokens=16384, max_running_requests=args.requests)
-                start = time.perf_counter()
-                outs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
-                best_of(results[name], "batch", n_new / (time.perf_counter() - start))
-                tokens["batch"][name] = outs
+            for name, kw in systems.items():
+                def batch(llm: LLM, name: str = name) -> None:
+                    start = time.perf_counter()
+                    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+                    best_of(results[name], "batch", n_new / (time.perf_counter() - start))
+                    tokens["batch"][name] = outs
+                run_llm(kw, batch, max_total_tokens=16384, max_running_requests=args.requests)
         print(f"# all at once done, load average {os.getloadavg()[0]:.1f}", flush=True)
-        # ---- prefill of fresh prompts (distinct ids each repetition, no cache anywhere)
-        gen = torch.Generator().manual_seed(0)
-        pre = {"radixkv fp32": base, **systems, "radixkv bf16": bf16}
+        # ---- prefill of fresh prompts (one token out, so the time is the prefill) and memory
         best: dict[str, float] = {}
-        for _ in range(args.reps):
-            ids = torch.randint(100, base.config.vocab_size - 100, (args.prefill,),
-                                generator=gen).tolist()
-            if cpp is not None:
+        if cpp is not None:
+            for ids in fresh:
                 r = cpp.call("prefill", ids=ids)
                 if "error" not in r:
                     best["llama.cpp"] = min(best.get("llama.cpp", 1e9), r["wall"])
-            for name, lm in pre.items():
-                best[name] = min(best.get(name, 1e9), prefill_once(lm, ids))
-        for name, wall in best.items():
-            results.setdefault(name, {})["prefill"] = args.prefill / wall
-        if cpp is not None:
             mem = cpp.call("memory")
             results["llama.cpp"]["mem"] = mem.get("model_bytes", 0) / 1e6
-        for name, lm in pre.items():
-            results.setdefault(name, {})["mem"] = lm.kernel_info()["weight_bytes"] / 1e6
+        for name, kw in {**floats, **systems}.items():
+            def prefill(llm: LLM, name: str = name) -> None:
+                llm.generate([fresh[0][:16]], one)  # warm-up
+                for ids in fresh:
+                    start = time.perf_counter()
+                    llm.generate([ids], one)
+                    best[name] = min(best.get(name, 1e9), time.perf_counter() - start)
+                results.setdefault(name, {})["mem"] = llm.lm.kernel_info()["weight_bytes"] / 1e6
+            run_llm(kw, prefill, max_total_tokens=4 * args.prefill * (args.reps + 1))
+        for name, wall in best.items():
+            results.setdefault(name, {})["prefill"] = args.prefill / wall
     finally:
         if cpp is not None:
             cpp.close()
