@@ -110,7 +110,7 @@ def main() -> None:
     # its loop thread, and this thread runs no parallel torch work: each thread that runs
     # OpenMP regions gets its own libgomp pool, and with more pool threads than cores every
     # region pays a wake-up (~2x a decode step here; see radixkv.engine.engine_loop).
-    path = resolve_model(args.model)[0]
+    path = resolve_model(args.model)[1]
     systems: dict[str, dict[str, Any]] = {}  # name -> LLM keyword arguments
     if not args.no_fp32:
         systems["radixkv fp32"] = {}
