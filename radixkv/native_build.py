@@ -2,6 +2,8 @@
 
     lib = build_library(SRC, flag_sets=NATIVE_FLAG_SETS, what="the CPU attention kernels",
                         fallback="using torch attention")
+    _LIB = LazyLibrary(SRC, what=..., fallback=..., switch="RADIXKV_CPU_KERNELS",
+                       signatures={"rkv_decode": RECORD})   # built at the first _LIB.get()
 
 Every compiled path of radixkv (paged attention, skinny linears, packed low-bit GEMVs, the slot
 allocator) is plain C++ exchanging raw pointers, so it needs no torch or Python headers and
@@ -11,8 +13,9 @@ writable), keyed by the source, the compiler, the flags and (for `-march=native`
 CPU's feature flags, so a later process loads it in milliseconds.
 
 Failure is never an error: no compiler, a failed build or a failed load logs one warning and
-returns None, and the caller runs its pure-torch / numpy reference path instead. Callers keep
-their own environment switch (`RADIXKV_CPU_KERNELS=0` ...) and their own lock and "tried" flag.
+returns None, and the caller runs its pure-torch / numpy reference path instead. `LazyLibrary`
+wraps this for the modules that own a library: built once, at first use, under a lock, with
+its environment switch (`RADIXKV_CPU_KERNELS=0` ...) and function signatures.
 
 Why not torch.utils.cpp_extension: it compiles against the torch headers (about a minute on two
 cores) and needs the Python headers; these libraries only exchange raw pointers and strides.
@@ -28,7 +31,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
@@ -150,3 +154,71 @@ def build_library(src: Path, *, what: str, fallback: str,
     except OSError as exc:
         _log.warning("radixkv: could not load %s (%s); %s", path, exc, fallback)
         return None
+
+
+RECORD: tuple[type, ...] = (ctypes.c_char_p,)  # one packed-struct argument (the usual signature)
+
+
+class LazyLibrary:
+    """A compiled library built at its first use, once per process (thread-safe).
+
+        _LIB = LazyLibrary(SRC, what="the CPU RMSNorm kernel", fallback="using torch",
+                           switch="RADIXKV_NORM_KERNELS", signatures={"rkv_rms_norm": RECORD})
+        lib = _LIB.get()   # None: run the reference path
+
+    Args:
+        src, what, fallback, flag_sets, common, loader: as for `build_library`.
+        switch: an environment variable that, set to "0" when the library is first wanted,
+            keeps it unbuilt (the reference path), or None.
+        signatures: {function: argument types}; each returns `restype`. A library lacking one
+            of them counts as not built.
+        on_load: called with the library once its functions are declared (to read build facts
+            such as its vector width).
+    """
+
+    def __init__(self, src: Path, *, what: str, fallback: str, switch: str | None = None,
+                 signatures: dict[str, Sequence[type]] | None = None,
+                 restype: type = ctypes.c_int64,
+                 flag_sets: Sequence[Sequence[str]] = NATIVE_FLAG_SETS,
+                 common: Sequence[str] = COMMON_FLAGS,
+                 loader: type[ctypes.CDLL] = ctypes.CDLL,
+                 on_load: Callable[[ctypes.CDLL], None] | None = None) -> None:
+        self.src, self.what, self.fallback, self.switch = src, what, fallback, switch
+        self.signatures = dict(signatures or {})
+        self.restype, self.flag_sets, self.common, self.loader = restype, flag_sets, common, loader
+        self.on_load = on_load
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    def get(self) -> ctypes.CDLL | None:
+        """The library, building it on the first call; None when it cannot (or may not) be."""
+        if self._tried:
+            return self._lib
+        with self._lock:  # concurrent first users wait for the one build
+            if not self._tried:
+                self._lib = self._build()
+                self._tried = True
+        return self._lib
+
+    def available(self) -> bool:
+        return self.get() is not None
+
+    def _build(self) -> ctypes.CDLL | None:
+        if self.switch is not None and os.environ.get(self.switch, "1") == "0":
+            return None
+        lib = build_library(self.src, what=self.what, fallback=self.fallback,
+                            flag_sets=self.flag_sets, common=self.common, loader=self.loader)
+        if lib is None:
+            return None
+        try:
+            for name, args in self.signatures.items():
+                fn = getattr(lib, name)
+                fn.argtypes = list(args)
+                fn.restype = self.restype
+        except AttributeError as exc:
+            _log.warning("radixkv: %s lacks %s; %s", self.src.name, exc, self.fallback)
+            return None
+        if self.on_load is not None:
+            self.on_load(lib)
+        return lib

@@ -21,7 +21,7 @@ from radixkv.errors import InvalidSlotError, InvariantError, OutOfSlotsError
 from radixkv.memory import RadixCache, TokenToKVPool, native
 
 NUM_SLOTS = 40
-compiled = pytest.mark.skipif(native._load() is None if native.enabled() else True,
+compiled = pytest.mark.skipif(native.lib() is None,
                               reason="the compiled slot allocator is not built here")
 
 

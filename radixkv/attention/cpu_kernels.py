@@ -18,16 +18,14 @@ cores) and needs the Python headers; this library only exchanges raw pointers an
 from __future__ import annotations
 
 import ctypes
-import os
 import struct
-import threading
 from pathlib import Path
 
 import torch
 
 from radixkv.attention.validation import AttentionInputError
 from radixkv.errors import InvalidSlotError
-from radixkv.native_build import build_library
+from radixkv.native_build import RECORD, LazyLibrary
 
 _SRC = Path(__file__).with_name("csrc") / "paged_attention.cpp"
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -46,38 +44,26 @@ _QARGS = struct.Struct("<16q")  # `struct QArgs` (rkv_quant_store)
 _NO_SCALES = (0, 0, 0, 0, 0, 0)
 
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_vector_width = 8
+_vector_width = 8  # floats per vector in the built kernels (read once they load)
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _vector_width
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("RADIXKV_CPU_KERNELS", "1") == "0":
-            return None
-        lib = build_library(_SRC, what="the CPU attention kernels",
-                            fallback="using torch attention on CPU")
-        if lib is None:
-            return None
-        for fn in (lib.rkv_decode, lib.rkv_extend):
-            fn.argtypes = [ctypes.c_int64, ctypes.c_char_p]
-            fn.restype = ctypes.c_int64
-        lib.rkv_quant_store.argtypes = [ctypes.c_char_p]
-        lib.rkv_quant_store.restype = ctypes.c_int64
-        lib.rkv_vector_width.restype = ctypes.c_int64
-        _vector_width = int(lib.rkv_vector_width())
-        _lib = lib
-        return lib
+def _read_width(lib: ctypes.CDLL) -> None:
+    global _vector_width
+    lib.rkv_vector_width.restype = ctypes.c_int64
+    _vector_width = int(lib.rkv_vector_width())
+
+
+_LIB = LazyLibrary(_SRC, what="the CPU attention kernels", fallback="using torch attention on CPU",
+                   switch="RADIXKV_CPU_KERNELS",
+                   signatures={"rkv_decode": (ctypes.c_int64, ctypes.c_char_p),
+                               "rkv_extend": (ctypes.c_int64, ctypes.c_char_p),
+                               "rkv_quant_store": RECORD},
+                   on_load=_read_width)
 
 
 def available() -> bool:
     """True when the fused kernels are built (building them on the first call)."""
-    return _lib is not None or _load() is not None
+    return _LIB.available()
 
 
 def supports(q: torch.Tensor, k_buffer: torch.Tensor) -> bool:
@@ -161,7 +147,7 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     k_buffer / v_buffer [rows, Hkv, D] -> o [B, Hq, D]. Quantized (int8 / fp8) buffers come
     with k_scale / v_scale [rows, Hkv] float32 and are dequantized inside the kernel. Raises
     `InvalidSlotError` on a slot outside the buffers or a malformed kv_indptr."""
-    lib = _lib or _load()
+    lib = _LIB.get()
     assert lib is not None, "cpu_kernels.decode called without available()"
     out_dtype = q.dtype
     q, dcode, scales = _prepare(q, k_buffer, k_scale, v_scale)
@@ -190,7 +176,7 @@ def extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
     Quantized buffers come with k_scale / v_scale as in `decode`.
     Raises `InvalidSlotError` on malformed indptrs or slots outside the buffers.
     """
-    lib = _lib or _load()
+    lib = _LIB.get()
     assert lib is not None, "cpu_kernels.extend called without available()"
     out_dtype = q.dtype
     q, dcode, scales = _prepare(q, k_buffer, k_scale, v_scale)
@@ -229,7 +215,7 @@ def quant_store(src: torch.Tensor, slots: torch.Tensor, dst: torch.Tensor,
     """Quantize src [n, H, D] into dst[slots] (int8 / fp8 codes, [rows, H, D]) and
     scale[slots] ([rows, H] float32), the formulas of `radixkv.memory.kv_quant.quantize`.
     Raises `InvalidSlotError` (writing nothing) on a slot outside [0, rows)."""
-    lib = _lib or _load()
+    lib = _LIB.get()
     assert lib is not None, "cpu_kernels.quant_store called without available()"
     src = _rowmajor_last(src.float())
     slots = _index(slots)

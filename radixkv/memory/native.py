@@ -15,14 +15,11 @@ For the same reason each takes one packed record instead of separate arguments.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import threading
 from pathlib import Path
 
-from radixkv.native_build import build_library
+from radixkv.native_build import LazyLibrary
 
-_log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("csrc") / "slot_ops.cpp"
 _FLAGS = (("-O2",),)
 _COMMON = ("-shared", "-fPIC", "-std=c++17")
@@ -38,9 +35,8 @@ _SIGNATURES = {
     "rkv_mismatch": [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64],
 }
 
-_lock = threading.Lock()
-_lib: ctypes.PyDLL | None = None
-_tried = False
+_LIB = LazyLibrary(_SRC, what="the slot allocator", fallback="it runs on numpy",
+                   signatures=_SIGNATURES, flag_sets=_FLAGS, common=_COMMON, loader=ctypes.PyDLL)
 
 
 def enabled() -> bool:
@@ -50,30 +46,8 @@ def enabled() -> bool:
                                                                    "1") != "0"
 
 
-def _load() -> ctypes.PyDLL | None:
-    global _lib, _tried
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        lib = build_library(_SRC, what="the slot allocator", fallback="it runs on numpy",
-                            flag_sets=_FLAGS, common=_COMMON, loader=ctypes.PyDLL)
-        if lib is None:
-            return None
-        try:
-            for name, args in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes = args
-                fn.restype = ctypes.c_int64
-        except AttributeError as exc:
-            _log.warning("radixkv: %s lacks %s; the slot allocator runs on numpy", _SRC.name, exc)
-            return None
-        _lib = lib
-        return lib
-
-
 def lib() -> ctypes.PyDLL | None:
     """The compiled library (building it on first use), or None for the reference path."""
     if not enabled():
         return None
-    return _lib if _tried else _load()
+    return _LIB.get()

@@ -20,15 +20,12 @@ system C++ compiler, `-O3 -march=native -fopenmp`, cache under `$RADIXKV_CACHE_D
 
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
-import threading
 from pathlib import Path
 
 import torch
 
-from radixkv.native_build import build_library
+from radixkv.native_build import RECORD, LazyLibrary
 
 _SRC = Path(__file__).with_name("csrc") / "linear.cpp"
 _X_CODE = {torch.float32: 0, torch.bfloat16: 1}
@@ -36,31 +33,13 @@ _W_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # `struct Args` of linear.cpp: 13 int64 fields.
 _ARGS = struct.Struct("<13q")
 
-_lock = threading.Lock()
-_fn = None
-_tried = False
-
-
-def _load():
-    global _fn, _tried
-    with _lock:
-        if _tried:
-            return _fn
-        _tried = True
-        if os.environ.get("RADIXKV_LINEAR_KERNELS", "1") == "0":
-            return None
-        lib = build_library(_SRC, what="the CPU linear kernels", fallback="using torch linears")
-        if lib is None:
-            return None
-        lib.rkv_linear.argtypes = [ctypes.c_char_p]
-        lib.rkv_linear.restype = ctypes.c_int64
-        _fn = lib.rkv_linear
-        return _fn
+_LIB = LazyLibrary(_SRC, what="the CPU linear kernels", fallback="using torch linears",
+                   switch="RADIXKV_LINEAR_KERNELS", signatures={"rkv_linear": RECORD})
 
 
 def available() -> bool:
     """True when the kernels are built (building them on the first call)."""
-    return _fn is not None or _load() is not None
+    return _LIB.available()
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -77,15 +56,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            ) -> torch.Tensor:
     """x [M, in] @ weight[out, in].T (+ bias [out], x's dtype) -> [M, out] in x's dtype,
     accumulated in float32. The caller checks `supports(x, weight)` first."""
-    fn = _fn or _load()
-    assert fn is not None, "linear_kernels.linear called without available()"
+    lib = _LIB.get()
+    assert lib is not None, "linear_kernels.linear called without available()"
     m, n = x.shape[0], weight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype)
     if m == 0:
         return y
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    fn(_ARGS.pack(m, n, x.shape[1], _X_CODE[x.dtype], _W_CODE[weight.dtype],
+    lib.rkv_linear(_ARGS.pack(m, n, x.shape[1], _X_CODE[x.dtype], _W_CODE[weight.dtype],
                   x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
                   0 if bias is None else bias.data_ptr(), y.data_ptr(), n,
                   torch.get_num_threads()))

@@ -11,15 +11,12 @@ CPU float32 / bfloat16 rows when it builds (`RADIXKV_NORM_KERNELS=0`: torch, the
 
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
-import threading
 from pathlib import Path
 
 import torch
 
-from radixkv.native_build import build_library
+from radixkv.native_build import RECORD, LazyLibrary
 
 _SRC = Path(__file__).with_name("csrc") / "rms_norm.cpp"
 _CODE = {torch.float32: 0, torch.bfloat16: 1}
@@ -28,32 +25,14 @@ _ARGS = struct.Struct("<10qd")
 # Single-threaded rows: -fopenmp is not needed; -march=native lets the compiler vectorise.
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 
-_lock = threading.Lock()
-_fn = None
-_tried = False
-
-
-def _load():
-    global _fn, _tried
-    with _lock:
-        if _tried:
-            return _fn
-        _tried = True
-        if os.environ.get("RADIXKV_NORM_KERNELS", "1") == "0":
-            return None
-        lib = build_library(_SRC, what="the CPU RMSNorm kernel", fallback="using torch",
-                            flag_sets=_FLAG_SETS)
-        if lib is None:
-            return None
-        lib.rkv_rms_norm.argtypes = [ctypes.c_char_p]
-        lib.rkv_rms_norm.restype = ctypes.c_int64
-        _fn = lib.rkv_rms_norm
-        return _fn
+_LIB = LazyLibrary(_SRC, what="the CPU RMSNorm kernel", fallback="using torch",
+                   switch="RADIXKV_NORM_KERNELS", signatures={"rkv_rms_norm": RECORD},
+                   flag_sets=_FLAG_SETS)
 
 
 def available() -> bool:
     """True when the kernel is built (building it on the first call)."""
-    return _fn is not None or _load() is not None
+    return _LIB.available()
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -69,13 +48,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """weight * x / sqrt(mean(x^2) + eps) per row -> a new [N, H] tensor in x's dtype. With
     `delta` ([N, H], x's dtype, last dim contiguous), x += delta in place first. The caller
     checks `supports(x, weight)`."""
-    fn = _fn or _load()
-    assert fn is not None, "norm_kernels.rms_norm called without available()"
+    lib = _LIB.get()
+    assert lib is not None, "norm_kernels.rms_norm called without available()"
     n, h = x.shape
     y = torch.empty((n, h), dtype=x.dtype)
     if delta is not None:
         assert delta.shape == x.shape and delta.dtype == x.dtype and delta.stride(1) == 1
-    fn(_ARGS.pack(n, h, _CODE[x.dtype], x.data_ptr(), x.stride(0),
+    lib.rkv_rms_norm(_ARGS.pack(n, h, _CODE[x.dtype], x.data_ptr(), x.stride(0),
                   0 if delta is None else delta.data_ptr(),
                   0 if delta is None else delta.stride(0), weight.data_ptr(), y.data_ptr(), h,
                   float(eps)))

@@ -10,52 +10,36 @@ use the pure torch reference (dequantize, then matmul); `RADIXKV_QUANT_KERNELS=0
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from radixkv.native_build import build_library
+from radixkv.native_build import LazyLibrary
 
-_log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("csrc") / "qgemv.cpp"
 FORMATS = {"int4": 0, "int8": 1}  # the kernel's `fmt` codes
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_simd = False
+_simd = False  # built with SIMD code (read once the library loads)
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _simd
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("RADIXKV_QUANT_KERNELS", "1") == "0":
-            return None
-        lib = build_library(_SRC, what="the quantized kernels",
-                            fallback="quantized layers use torch")
-        if lib is None:
-            return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.rkv_qgemm.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
-        lib.rkv_qgemm.restype = i64
-        lib.rkv_dequant.argtypes = [i64, i64, i64, ptr, ptr, ptr, i64, i64]
-        lib.rkv_dequant.restype = i64
-        lib.rkv_qgemm_simd.restype = i64
-        _simd = bool(lib.rkv_qgemm_simd())
-        _lib = lib
-        return lib
+def _read_simd(lib: ctypes.CDLL) -> None:
+    global _simd
+    lib.rkv_qgemm_simd.restype = ctypes.c_int64
+    _simd = bool(lib.rkv_qgemm_simd())
+
+
+_LIB = LazyLibrary(_SRC, what="the quantized kernels", fallback="quantized layers use torch",
+                   switch="RADIXKV_QUANT_KERNELS",
+                   signatures={"rkv_qgemm": (_i64,) * 4 + (_ptr, _i64) + (_ptr,) * 4 + (_i64,) * 2,
+                               "rkv_dequant": (_i64,) * 3 + (_ptr,) * 3 + (_i64,) * 2},
+                   on_load=_read_simd)
 
 
 def available() -> bool:
     """True when the packed kernels are built (building them on the first call)."""
-    return _lib is not None or _load() is not None
+    return _LIB.available()
 
 
 def simd() -> bool:
@@ -64,7 +48,7 @@ def simd() -> bool:
 
 
 _declared: set[str] = set()
-_EXTRA_ARGS = {  # entry points declared on first use (beside those `_load` declares)
+_EXTRA_ARGS = {  # entry points declared on first use (beside those of `_LIB`)
     "rkv_qgemm_blocked": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_dequant_bf16": ["i64"] * 3 + ["ptr"] * 3 + ["i64"] * 2,
 }
@@ -86,7 +70,7 @@ def width() -> int:
     C++), 0 (not built)."""
     if not available():
         return 0
-    fn = getattr(_lib, "rkv_qgemm_width", None)
+    fn = getattr(_LIB.get(), "rkv_qgemm_width", None)
     if fn is None:
         return 8 if _simd else 1
     fn.restype = ctypes.c_int64
@@ -103,7 +87,7 @@ def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
     register tile over them (faster from a few rows on); else the row kernel, which widens each
     group in registers once per 8 rows of x (fastest for decode's 1-4 rows).
     """
-    lib = _lib or _load()
+    lib = _LIB.get()
     assert lib is not None, "quant_kernels.qgemm called without available()"
     m, k = x.shape
     fn = _fn(lib, "rkv_qgemm_blocked") if blocked else lib.rkv_qgemm
@@ -121,7 +105,7 @@ def dequantize(fmt: str, qs: torch.Tensor, scales: torch.Tensor, k: int,
                ) -> torch.Tensor:
     """W [N, K] widened to float32, or bfloat16 (rounded to nearest even) with
     `dtype=torch.bfloat16`, into `out` [N, K] of that dtype when given (unit last stride)."""
-    lib = _lib or _load()
+    lib = _LIB.get()
     assert lib is not None, "quant_kernels.dequantize called without available()"
     n = qs.shape[0]
     if out is None:

@@ -12,15 +12,12 @@ torch, the reference).
 
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
-import threading
 from pathlib import Path
 
 import torch
 
-from radixkv.native_build import build_library
+from radixkv.native_build import RECORD, LazyLibrary
 
 _SRC = Path(__file__).with_name("csrc") / "rope.cpp"
 _CODE = {torch.float32: 0, torch.bfloat16: 1}
@@ -29,32 +26,14 @@ _ARGS = struct.Struct("<10q")  # `struct Args` of rope.cpp
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
               ("-O3", "-fopenmp", "-ffp-contract=off"), ("-O3", "-ffp-contract=off"))
 
-_lock = threading.Lock()
-_fn = None
-_tried = False
-
-
-def _load():
-    global _fn, _tried
-    with _lock:
-        if _tried:
-            return _fn
-        _tried = True
-        if os.environ.get("RADIXKV_ROPE_KERNELS", "1") == "0":
-            return None
-        lib = build_library(_SRC, what="the CPU rotary kernel", fallback="using torch",
-                            flag_sets=_FLAG_SETS)
-        if lib is None:
-            return None
-        lib.rkv_rope.argtypes = [ctypes.c_char_p]
-        lib.rkv_rope.restype = ctypes.c_int64
-        _fn = lib.rkv_rope
-        return _fn
+_LIB = LazyLibrary(_SRC, what="the CPU rotary kernel", fallback="using torch",
+                   switch="RADIXKV_ROPE_KERNELS", signatures={"rkv_rope": RECORD},
+                   flag_sets=_FLAG_SETS)
 
 
 def available() -> bool:
     """True when the kernel is built (building it on the first call)."""
-    return _fn is not None or _load() is not None
+    return _LIB.available()
 
 
 def supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
@@ -69,11 +48,11 @@ def supports(x: torch.Tensor, cos: torch.Tensor) -> bool:
 def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, H, D] in place by cos / sin [N, 1, D/2] (sin strided like cos); returns x.
     The caller checks `supports(x, cos)`."""
-    fn = _fn or _load()
-    assert fn is not None, "rope_kernels.rotate_ called without available()"
+    lib = _LIB.get()
+    assert lib is not None, "rope_kernels.rotate_ called without available()"
     assert sin.stride() == cos.stride() and sin.shape == cos.shape and sin.dtype == cos.dtype
     n, h, d = x.shape
     if n:
-        fn(_ARGS.pack(n, h, d, _CODE[x.dtype], x.data_ptr(), x.stride(0), cos.data_ptr(),
+        lib.rkv_rope(_ARGS.pack(n, h, d, _CODE[x.dtype], x.data_ptr(), x.stride(0), cos.data_ptr(),
                       sin.data_ptr(), cos.stride(0), torch.get_num_threads()))
     return x
