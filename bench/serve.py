@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from radixkv.serving.launcher import ServerProcess  # noqa: E402
+from radixkv.serving.launcher import ServerProcess, free_port  # noqa: E402
 
 DEFAULT_VLLM = "/work/peers/vllm/bin/vllm"
 SYSTEM = " ".join([
@@ -205,14 +205,6 @@ def wait_health(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None
             pass
         time.sleep(1)
     raise RuntimeError("vllm serve did not become healthy")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def print_table(results: dict[str, list[dict[str, float]]]) -> None:

@@ -15,13 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from radixkv.serving.launcher import free_port
+
 REDIS = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisProcess:

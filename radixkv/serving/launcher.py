@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,28 @@ from pathlib import Path
 from types import TracebackType
 
 _ADDRESS = re.compile(r"radixkv serve: .* on (http://[\d.]+:\d+)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bind port 0, read it, close)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float) -> int | None:
+    """SIGTERM a child (if still running), SIGKILL it after `timeout` s; its exit status (None
+    when there is no process). The stop of every child this package starts."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 class ServerProcess:
@@ -139,16 +162,10 @@ class ServerProcess:
         """SIGTERM (the server drains), then SIGKILL after `timeout`; returns the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        rc = terminate(self.proc, timeout)
         if self._reader is not None:
             self._reader.join(5)
-        return self.proc.returncode
+        return rc
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -10,20 +10,13 @@ A fleet spanning machines uses a Redis server of its own instead (a redis:// URL
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from types import TracebackType
 
 from radixkv.errors import ConfigError
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (bind port 0, read it, close)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from radixkv.serving.launcher import free_port, terminate
 
 
 def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -97,15 +90,7 @@ class RedisServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc, timeout)
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -23,7 +23,6 @@ import collections
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from types import TracebackType
 from typing import Any
 
 from radixkv.errors import ConfigError
-from radixkv.serving.redis_server import free_port
+from radixkv.serving.launcher import free_port, terminate
 
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -165,16 +164,10 @@ class RouterProcess:
         """SIGTERM (the router's graceful shutdown), SIGKILL after `timeout`; the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        rc = terminate(self.proc, timeout)
         if self._reader is not None:
             self._reader.join(5)
-        return self.proc.returncode
+        return rc
 
     def __enter__(self) -> RouterProcess:
         return self.start()
