@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from radixkv import LLM, SamplingParams
+from radixkv import LLM, SamplingParams, native_build
 from radixkv.model.layers import native_half_matmul
 
 WORKLOADS = ("sequential", "batch_cold", "batch_warm")
@@ -66,17 +66,11 @@ class ForwardTimer:
 
 
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    keep = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16",
-                            "avx512_vnni", "avx_vnni")
-                    return " ".join(f for f in keep if f in flags)
-    except OSError:
-        pass
-    return "?"
+    """The SIMD flags that decide radixkv's fast paths, as this CPU reports them."""
+    flags = native_build.cpu_flags()
+    keep = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni",
+            "avx_vnni")
+    return " ".join(f for f in keep if f in flags) or "?"
 
 
 def load_note() -> str:

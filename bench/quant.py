@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from bench.engine import shared_prompts
-from radixkv import LLM, SamplingParams
+from radixkv import LLM, SamplingParams, native_build
 from radixkv.model.loader import resolve_model
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
@@ -99,8 +99,7 @@ def main() -> None:
     if args.quick:
         args.requests, args.reps = 8, 1
     torch.set_num_threads(args.threads)
-    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo")
-                  if ln.startswith("flags")), [])
+    flags = native_build.cpu_flags()
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16")
             if f in flags]
     print(f"# threads {args.threads}, CPU flags {' '.join(simd)}, "
