@@ -119,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else Linear(config.hidden_size, config.vocab_size, bias=False))
         self.rotary = RotaryEmbedding(config)
         self.lm_head_upcast_rows = 0  # see configure_cpu_kernels
         self.lm_head_fast_rows = 0
@@ -175,8 +175,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_fast_rows = fast_rows
         self.lm_head_packed = None
         if packed and self.quant_head is None:
-            head = self.embed_tokens if self.lm_head is None else self.lm_head
-            self.lm_head_packed = onednn_pack(head.weight)
+            # A separate head was packed in place by the loop above; a tied one needs its own
+            # packed copy, the embedding table staying dense for lookups.
+            self.lm_head_packed = (onednn_pack(self.embed_tokens.weight) if self.lm_head is None
+                                   else self.lm_head.packed)
         self.cpu_kernel = ("oneDNN prepacked" if packed
                            else f"skinny C++ kernel for 2-{fast_rows} rows, else torch"
                            if fast_rows else "torch F.linear")

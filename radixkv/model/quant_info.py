@@ -79,9 +79,10 @@ def weight_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.untyped_storage().nbytes()
     # oneDNN-prepacked weights (layers.Linear.packed, the LM head's copy) have no storage view.
-    packed = [getattr(m, "packed", None) for m in model.modules()]
-    packed.append(getattr(model, "lm_head_packed", None))
-    total += sum(t.numel() * t.element_size() for t in packed if t is not None)
+    # An untied LM head's packed weight is both the head Linear's and the model's: count once.
+    packed = {id(t): t for t in [*(getattr(m, "packed", None) for m in model.modules()),
+                                 getattr(model, "lm_head_packed", None)] if t is not None}
+    total += sum(t.numel() * t.element_size() for t in packed.values())
     return total
 
 
