@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 from radixkv.errors import ConfigError
@@ -37,13 +38,14 @@ class RedisServer:
         port: the port to bind; 0 (default) picks a free one.
         maxmemory: e.g. "256mb"; with it Redis evicts least-recently-used keys when full.
         startup_timeout: seconds to wait for the first PONG.
+        extra_args: more redis-server options, as they are.
 
     Raises:
         ConfigError: redis-server is not installed (apt-get install redis-server).
     """
 
     def __init__(self, port: int = 0, maxmemory: str | None = None,
-                 startup_timeout: float = 10.0) -> None:
+                 startup_timeout: float = 10.0, extra_args: Sequence[str] = ()) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise ConfigError("a local Redis tier needs redis-server on PATH "
@@ -51,6 +53,7 @@ class RedisServer:
         self.port = port or free_port()
         self.maxmemory = maxmemory
         self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,6 +73,7 @@ class RedisServer:
                "--appendonly", "no", "--protected-mode", "no"]
         if self.maxmemory:
             cmd += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        cmd += self.extra_args
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
