@@ -66,6 +66,14 @@ def available() -> bool:
     return _LIB.available()
 
 
+def decode_function() -> int:
+    """The address of the built `rkv_decode` (for compiled callers that run attention inside
+    their own loop, such as radixkv/model/decode_kernels.py), 0 when the kernels are not built.
+    Its argument is the `struct Args` packed by `_args` below."""
+    lib = _LIB.get()
+    return 0 if lib is None else int(ctypes.cast(lib.rkv_decode, ctypes.c_void_p).value or 0)
+
+
 def supports(q: torch.Tensor, k_buffer: torch.Tensor) -> bool:
     """Whether the fused kernels handle these inputs: CPU tensors of a supported dtype (K/V in
     q's dtype, or int8 / fp8 e4m3 with scales) whose head_dim is a multiple of the vector

@@ -16,7 +16,7 @@ from torch import nn
 
 import radixkv.attention as attention
 from radixkv.errors import ModelLoadError
-from radixkv.model import linear_kernels, rope_kernels
+from radixkv.model import decode_kernels, linear_kernels, rope_kernels
 from radixkv.model.config import ModelConfig
 from radixkv.model.context import ForwardContext, get_forward_context
 from radixkv.model.layers import (
@@ -57,22 +57,32 @@ class LlamaAttention(nn.Module):
                 ctx: ForwardContext) -> torch.Tensor:  # x [N, H] -> [N, H]
         n = x.shape[0]
         qkv = self.qkv_proj(x)  # [N, (Hq + 2 Hkv) * D]
-        # q and k are rotated together: one elementwise pass instead of two.
-        qk = qkv[:, :self.qk_width].view(n, -1, self.head_dim)  # [N, Hq + Hkv, D], a view
-        if self.fused_rope and rope_kernels.supports(qk, cos):
-            rope_kernels.rotate_(qk, cos, sin)  # in place: qkv is this call's temporary
-        else:
-            qk = apply_rotary(qk, cos, sin)
-        q = qk[:, :self.num_heads]  # [N, Hq, D]
-        k = qk[:, self.num_heads:]  # [N, Hkv, D]
-        v = qkv[:, self.qk_width:].view(n, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         pool = ctx.kv_pool
-        # Written first: extend reads the new tokens' K/V back from the pool with the prefix.
-        pool.set_kv(self.layer_id, ctx.out_slots, k, v)
         k_buf, v_buf = pool.get_kv_buffer(self.layer_id)  # [num_slots + 1, Hkv, D]
+        heads = qkv.view(n, -1, self.head_dim)  # [N, Hq + 2 Hkv, D], a view
+        if (self.fused_rope and not pool.quantized
+                and rope_kernels.supports_store(heads, cos, ctx.out_slots, k_buf, v_buf)):
+            # One call rotates q and k in place (qkv is this call's temporary) and writes the
+            # new K/V into the pool: the float pool's set_kv, fused.
+            rope_kernels.rotate_store_(heads, cos, sin, ctx.out_slots, k_buf, v_buf)
+            q = heads[:, :self.num_heads]  # [N, Hq, D], strided: the kernels take row strides
+        else:
+            # q and k are rotated together: one elementwise pass instead of two.
+            qk = heads[:, :self.num_heads + self.num_kv_heads]  # [N, Hq + Hkv, D], a view
+            if self.fused_rope and rope_kernels.supports(qk, cos):
+                rope_kernels.rotate_(qk, cos, sin)  # in place: qkv is this call's temporary
+            else:
+                qk = apply_rotary(qk, cos, sin)
+            q = qk[:, :self.num_heads]  # [N, Hq, D]
+            k = qk[:, self.num_heads:]  # [N, Hkv, D]
+            v = heads[:, self.num_heads + self.num_kv_heads:]  # [N, Hkv, D]
+            # Written first: extend reads the new tokens' K/V back from the pool with the prefix.
+            pool.set_kv(self.layer_id, ctx.out_slots, k, v)
+            q = q.to(pool.dtype)
+            if q.device.type != "cpu":
+                q = q.contiguous()
         # Quantized pools: int8 / fp8 codes plus scales [num_slots + 1, Hkv], else (None, None).
         k_sc, v_sc = pool.get_kv_scales(self.layer_id)
-        q = q.to(pool.dtype).contiguous()
         if ctx.is_decode:
             o = attention.decode(q, k_buf, v_buf, ctx.kv_indptr, ctx.kv_indices, self.scale,
                                  k_scale=k_sc, v_scale=v_sc)
@@ -126,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed: torch.Tensor | None = None  # oneDNN layout of the LM head
         self.cpu_kernel = "torch F.linear"  # what configure_cpu_kernels chose, for reports
         self.quant_head: QuantLinear | None = None  # the LM head when its weight is quantized
+        self.decode_step: decode_kernels.DecodeStep | None = None  # see configure_cpu_kernels
 
     def configure_cpu_kernels(self, fast: bool = True) -> None:
         """Pick the CPU product paths for this model's dtype and this CPU (called at load).
@@ -179,9 +190,15 @@ class LlamaForCausalLM(nn.Module):
             # packed copy, the embedding table staying dense for lookups.
             self.lm_head_packed = (onednn_pack(self.embed_tokens.weight) if self.lm_head is None
                                    else self.lm_head.packed)
+        # Decode batches of 1-4 rows in one compiled call over the packed weights (where their
+        # layout is the one the step reads): the layered forward's Python and per-call oneDNN
+        # overheads were ~20% of a batch-1 step.
+        self.decode_step = decode_kernels.DecodeStep.build(self) if packed else None
         self.cpu_kernel = ("oneDNN prepacked" if packed
                            else f"skinny C++ kernel for 2-{fast_rows} rows, else torch"
                            if fast_rows else "torch F.linear")
+        if self.decode_step is not None:
+            self.cpu_kernel += f"; decode of 1-{decode_kernels.MAX_ROWS} rows in one compiled step"
 
     def configure_half_matmul(self) -> None:
         """Former name of `configure_cpu_kernels` (kept for callers)."""
@@ -194,6 +211,11 @@ class LlamaForCausalLM(nn.Module):
                              f"({ctx.positions.shape[0]}), got shape {tuple(input_ids.shape)}")
         x = self.embed_tokens(input_ids)  # [N, H], a fresh tensor the layers update in place
         cos, sin = self.rotary(ctx.positions, x.dtype)  # [N, 1, D/2] each, shared by all layers
+        step = self.decode_step
+        if step is not None and step.accepts(ctx, x):
+            logits = step(x, cos, sin, ctx)  # [N, vocab]: every row of a decode batch
+            return logits if logits.shape[0] == ctx.logits_indices.shape[0] \
+                else logits[ctx.logits_indices]
         for layer in self.layers:
             x = layer(x, cos, sin, ctx)
         # RMSNorm is per row, so only the rows whose logits are wanted are normalised and scored.

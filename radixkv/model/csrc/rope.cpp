@@ -68,9 +68,48 @@ void run(const Args& a) {
   }
 }
 
+// Rotation plus the pool write of a fused qkv row: heads [0, Hq + Hkv) of x (q, then k) are
+// rotated in place, then heads [Hq, Hq + Hkv) (k, rotated) and [Hq + Hkv, Hq + 2 Hkv) (v) are
+// copied into their token's slot of the layer's K / V buffers ([rows, Hkv, D], contiguous).
+struct StoreArgs {
+  Args rope;             // H = Hq + Hkv heads rotated
+  int64_t hkv;           // KV heads
+  int64_t slots;         // [N] int64
+  int64_t rows;          // slots must lie in [0, rows)
+  int64_t k_buf, v_buf;  // [rows, Hkv, D] each, in x's dtype
+};
+
+template <typename T>
+void store_kv(const StoreArgs& a) {
+  const Args& r = a.rope;
+  const int64_t* slots = reinterpret_cast<const int64_t*>(a.slots);
+  const T* x = reinterpret_cast<const T*>(r.x);
+  T* kb = reinterpret_cast<T*>(a.k_buf);
+  T* vb = reinterpret_cast<T*>(a.v_buf);
+  const int64_t hq = r.H - a.hkv, width = a.hkv * r.D;  // elements of one K (or V) row
+  for (int64_t n = 0; n < r.N; ++n) {
+    const T* row = x + n * r.x_s;
+    std::memcpy(kb + slots[n] * width, row + hq * r.D, sizeof(T) * width);
+    std::memcpy(vb + slots[n] * width, row + (hq + a.hkv) * r.D, sizeof(T) * width);
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// rkv_rope, then the K / V rows into their slots. Returns 0, 1 for an unsupported dtype, or 2
+// (nothing written, x untouched) when a slot is outside [0, rows).
+int64_t rkv_rope_store(const StoreArgs* a) {
+  const int64_t* slots = reinterpret_cast<const int64_t*>(a->slots);
+  for (int64_t n = 0; n < a->rope.N; ++n)
+    if ((uint64_t)slots[n] >= (uint64_t)a->rows) return 2;  // negative slots wrap to huge
+  switch (a->rope.dtype) {
+    case F32: run<float>(a->rope); store_kv<float>(*a); return 0;
+    case BF16: run<uint16_t>(a->rope); store_kv<uint16_t>(*a); return 0;
+    default: return 1;
+  }
+}
 
 // Returns 0 on success, 1 for an unsupported dtype.
 int64_t rkv_rope(const Args* a) {
