@@ -29,7 +29,8 @@ _FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
               ("-O3", "-fopenmp", "-ffp-contract=off"), ("-O3", "-ffp-contract=off"))
 
 _LIB = LazyLibrary(_SRC, what="the CPU rotary kernel", fallback="using torch",
-                   switch="RADIXKV_ROPE_KERNELS", signatures={"rkv_rope": RECORD, "rkv_rope_store": RECORD},
+                   switch="RADIXKV_ROPE_KERNELS",
+                   signatures={"rkv_rope": RECORD, "rkv_rope_store": RECORD},
                    flag_sets=_FLAG_SETS)
 
 
