@@ -29,6 +29,8 @@ import torch
 
 from radixkv.attention import cpu_kernels
 from radixkv.errors import InvalidSlotError
+from radixkv.model import quant_kernels
+from radixkv.model.quant import QuantLinear, QuantTensor
 from radixkv.native_build import RECORD, LazyLibrary
 
 if TYPE_CHECKING:
@@ -45,9 +47,10 @@ _LIB = LazyLibrary(_SRC, what="the CPU decode step", fallback="using the layered
 
 MAX_ROWS = 4  # rows (requests) per step the kernel handles; more go to the layered forward
 _CODE = {torch.float32: 0, torch.bfloat16: 1}
-_LIN = "4q"  # struct Lin: weight, bias, O, K
+_LIN = "8q"  # struct Lin: weight, bias, O, K, kind, fmt, qs, scales
+_TILES, _QGEMM = 0, 1  # Lin.kind
 _LAYER = struct.Struct("<" + _LIN * 4 + "4q")  # struct Layer
-_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 2q")  # struct Step
+_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 3q")  # struct Step
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -109,38 +112,56 @@ class DecodeStep:
         assert lib is not None
         self._lib = lib
         self._attn = cpu_kernels.decode_function()
+        self._keep: list[torch.Tensor] = []
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> DecodeStep | None:
         """The step for `model`, or None unless: CPU float32 / bfloat16 weights, every linear
-        oneDNN-packed in the layout checked here, a packed LM head, shapes multiples of 64,
-        the step and the fused attention kernels built for this CPU."""
+        (and the LM head) either oneDNN-packed in the layout checked here with shapes multiples
+        of 64, or a QuantLinear of one packed segment (int4 / int8, run by quant_kernels'
+        row kernel), and the step and the fused attention kernels built for this CPU."""
         dtype = model.norm.weight.dtype
         if (model.norm.weight.device.type != "cpu" or not available(dtype)
-                or model.lm_head_packed is None or model.quant_head is not None
                 or not cpu_kernels.available() or cpu_kernels.decode_function() == 0):
             return None
         checked: dict[tuple[int, int], bool] = {}
+        keep: list[torch.Tensor] = []  # float32 biases of quantized layers, kept alive
 
-        def lin(packed: torch.Tensor | None, bias: torch.Tensor | None,
-                shape: tuple[int, int]) -> tuple[int, ...] | None:
-            if packed is None or (bias is not None and bias.dtype != dtype):
+        def packed(w: torch.Tensor | None, bias: torch.Tensor | None,
+                   shape: tuple[int, int]) -> tuple[int, ...] | None:
+            if w is None or (bias is not None and bias.dtype != dtype):
                 return None
             if shape not in checked:
-                checked[shape] = layout_matches(packed, shape, dtype)
+                checked[shape] = layout_matches(w, shape, dtype)
             if not checked[shape]:
                 return None
-            return (int(torch.ops.mkldnn.data_ptr(packed)),
-                    0 if bias is None else bias.data_ptr(), shape[0], shape[1])
+            return (int(torch.ops.mkldnn.data_ptr(w)), 0 if bias is None else bias.data_ptr(),
+                    shape[0], shape[1], _TILES, 0, 0, 0)
+
+        def quant(m: QuantLinear) -> tuple[int, ...] | None:
+            segs = m.segments()
+            if (len(segs) != 1 or not isinstance(segs[0], QuantTensor)
+                    or quant_kernels.qgemm_function() == 0):
+                return None
+            seg = segs[0]
+            bias = 0
+            if m.bias is not None:
+                keep.append(m.bias.float().contiguous())
+                bias = keep[-1].data_ptr()
+            return (0, bias, m.out_features, m.in_features, _QGEMM,
+                    quant_kernels.FORMATS[seg.fmt], seg.qs.data_ptr(), seg.scales.data_ptr())
+
+        def lin(m: torch.nn.Module) -> tuple[int, ...] | None:
+            if isinstance(m, QuantLinear):
+                return quant(m)
+            return packed(getattr(m, "packed", None), m.bias, (m.out_features, m.in_features))
 
         lins: list[tuple[int, ...]] = []
         norms: list[tuple[int, int]] = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                if not hasattr(m, "packed") or not isinstance(m.weight, torch.Tensor):
-                    return None  # a quantized layer
-                got = lin(m.packed, m.bias, (m.out_features, m.in_features))
+                got = lin(m)
                 if got is None:
                     return None
                 lins.append(got)
@@ -149,10 +170,15 @@ class DecodeStep:
                 return None
             norms.append((w1.data_ptr(), w2.data_ptr()))
         c = model.config
-        head = lin(model.lm_head_packed, None, (c.vocab_size, c.hidden_size))
+        if model.quant_head is not None:
+            head = quant(model.quant_head)
+        else:
+            head = packed(model.lm_head_packed, None, (c.vocab_size, c.hidden_size))
         if head is None:
             return None
-        return cls(model, lins, norms, head)
+        step = cls(model, lins, norms, head)
+        step._keep = keep
+        return step
 
     def accepts(self, ctx: ForwardContext, x: torch.Tensor) -> bool:
         """Whether this forward can run here: a decode batch of 1 to MAX_ROWS rows in the
@@ -196,7 +222,8 @@ class DecodeStep:
             x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             pool.k_buffers[0].shape[0], indptr.data_ptr(), indices.data_ptr(),
             indices.shape[0], self.model.norm.weight.data_ptr(), *self._head,
-            logits.data_ptr(), self.eps, self.sm_scale, torch.get_num_threads(), self._attn)
+            logits.data_ptr(), self.eps, self.sm_scale, torch.get_num_threads(), self._attn,
+            quant_kernels.qgemm_function())
         code = self._lib.rkv_decode_step(args)
         if code in (2, 3):
             raise InvalidSlotError("decode step: "

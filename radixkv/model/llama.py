@@ -193,12 +193,17 @@ class LlamaForCausalLM(nn.Module):
         # Decode batches of 1-4 rows in one compiled call over the packed weights (where their
         # layout is the one the step reads): the layered forward's Python and per-call oneDNN
         # overheads were ~20% of a batch-1 step.
-        self.decode_step = decode_kernels.DecodeStep.build(self) if packed else None
+        self.decode_step = (decode_kernels.DecodeStep.build(self)
+                            if fast and cpu and (packed or self.quant_head is not None
+                                                 or self._has_quant_layers()) else None)
         self.cpu_kernel = ("oneDNN prepacked" if packed
                            else f"skinny C++ kernel for 2-{fast_rows} rows, else torch"
                            if fast_rows else "torch F.linear")
         if self.decode_step is not None:
             self.cpu_kernel += f"; decode of 1-{decode_kernels.MAX_ROWS} rows in one compiled step"
+
+    def _has_quant_layers(self) -> bool:
+        return any(isinstance(m, QuantLinear) for m in self.layers.modules())
 
     def configure_half_matmul(self) -> None:
         """Former name of `configure_cpu_kernels` (kept for callers)."""

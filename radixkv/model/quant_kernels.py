@@ -42,6 +42,13 @@ def available() -> bool:
     return _LIB.available()
 
 
+def qgemm_function() -> int:
+    """The address of the built `rkv_qgemm` (the row kernel, for compiled callers such as
+    radixkv/model/decode_kernels.py), 0 when the kernels are not built."""
+    lib = _LIB.get()
+    return 0 if lib is None else int(ctypes.cast(lib.rkv_qgemm, ctypes.c_void_p).value or 0)
+
+
 def simd() -> bool:
     """True when the kernels were compiled with their AVX2 + FMA + F16C code (else scalar C++)."""
     return available() and _simd

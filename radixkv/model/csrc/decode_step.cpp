@@ -21,6 +21,9 @@
 // Built with -ffp-contract=off so scalar code is not fused into FMAs behind our back (the
 // products use explicit FMA / dot-product instructions).
 //
+// Group-quantized weights (LLM(quantization=...)) run on the packed low-bit kernel of
+// radixkv/model/csrc/qgemv.cpp (rkv_qgemm, passed in as a function pointer) instead.
+//
 // Attention runs on the fused CPU decode kernel of radixkv/attention (rkv_decode, passed in
 // as a function pointer with its `struct Args`), outside this file's parallel regions so it
 // gets the OpenMP threads itself.
@@ -46,11 +49,22 @@ enum DType : int64_t { F32 = 0, BF16 = 1 };
 enum Status : int64_t { OK = 0, BAD_DTYPE = 1, BAD_SLOT = 2, BAD_INDPTR = 3, BAD_SHAPE = 4,
                         NO_KERNEL = 5 };
 
+enum Kind : int64_t { TILES = 0, QGEMM = 1 };
+
 struct Lin {
-  const void* w;     // packed tiles (see the header)
-  const void* bias;  // [O] in the model dtype, or null
+  const void* w;     // TILES: packed tiles (see the header)
+  const void* bias;  // [O] (TILES: model dtype; QGEMM: float32), or null
   int64_t O, K;
+  int64_t kind;      // TILES, or QGEMM: a group-quantized weight run by rkv_qgemm (qgemv.cpp)
+  int64_t fmt;       // QGEMM: the packed format code (int4 0, int8 1)
+  const void* qs;    // QGEMM: codes and scales as qgemv.cpp lays them out
+  const void* scales;
 };
+
+// rkv_qgemm of radixkv/model/csrc/qgemv.cpp: y[M, N] = x[M, K] @ W^T (+ bias), float32 x / y.
+typedef int64_t (*QGemm)(int64_t fmt, int64_t M, int64_t N, int64_t K, const float* x,
+                         int64_t ldx, const void* qs, const void* sc, const float* bias,
+                         float* y, int64_t ldy, int64_t nthreads);
 
 struct Layer {
   Lin qkv, o, gate_up, down;
@@ -77,6 +91,7 @@ struct Step {
   double eps, sm_scale;
   int64_t nthreads;
   int64_t (*attn)(int64_t, const void*);  // rkv_decode of paged_attention.cpp
+  QGemm qgemm;                            // rkv_qgemm, when a weight is QGEMM (else null)
 };
 
 // `struct Args` of radixkv/attention/csrc/paged_attention.cpp (rkv_decode's input).
@@ -268,6 +283,38 @@ void product(const Lin& L, int64_t M, const T* x, int64_t x_s, void* out, int64_
 #pragma omp barrier
 }
 
+// One product, from the calling thread: TILES in a parallel region of its own, QGEMM on the
+// packed low-bit kernel (which runs its own region) with float32 x / y and the epilogue here.
+template <typename T>
+int64_t run_product(const Step& s, const Lin& L, const T* x, int64_t x_s, void* out,
+                    int64_t out_s, Epilogue ep, float* part, float* x32, float* y32) {
+  const int64_t M = s.M;
+  if (L.kind == TILES) {
+#pragma omp parallel num_threads(nthreads_of(s))
+    product<T>(L, M, x, x_s, out, out_s, ep, part);
+    return OK;
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < L.K; ++k) x32[m * L.K + k] = ld(x + m * x_s, k);
+  const int64_t code = s.qgemm(L.fmt, M, L.O, L.K, x32, L.K, L.qs, L.scales,
+                               (const float*)L.bias, y32, L.O, nthreads_of(s));
+  if (code) return 200 + code;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* y = y32 + m * L.O;
+    if (ep == LOGITS) {
+      float* o = (float*)out + m * out_s;
+      for (int64_t j = 0; j < L.O; ++j) o[j] = rnd<T>(y[j]);
+      continue;
+    }
+    T* o = (T*)out + m * out_s;
+    for (int64_t j = 0; j < L.O; ++j) {
+      const float v = rnd<T>(y[j]);
+      st(o, j, ep == RESIDUAL ? ld(o, j) + v : v);
+    }
+  }
+  return OK;
+}
+
 // ---- small per-row ops (a few hundred elements: single-threaded) ---------------------------
 
 // y = w * T(x / sqrt(mean(x^2) + eps)) per row, as rms_norm.cpp.
@@ -350,15 +397,18 @@ int64_t step(const Step& s) {
   const int64_t M = s.M, H = s.H, I = s.I, d = s.d;
   const int64_t qkv_w = (s.hq + 2 * s.hkv) * d;
   const int nt = nthreads_of(s);
-  int64_t widest = s.head.O;
+  int64_t widest = s.head.O, deepest = s.head.K;
   for (int64_t l = 0; l < s.n_layers; ++l) {
     const Layer& L = s.layers[l];
-    for (const Lin* p : {&L.qkv, &L.o, &L.gate_up, &L.down})
+    for (const Lin* p : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
       widest = p->O > widest ? p->O : widest;
+      deepest = p->K > deepest ? p->K : deepest;
+    }
   }
   std::vector<T> h((size_t)(M * H)), qkv((size_t)(M * qkv_w)), o((size_t)(M * s.hq * d));
   std::vector<T> gu((size_t)(M * 2 * I)), act((size_t)(M * I));
   std::vector<float> part((size_t)(nt * M * widest));
+  std::vector<float> x32((size_t)(M * deepest)), y32((size_t)(M * widest));
   std::vector<int64_t> qo((size_t)(M + 1));
   for (int64_t m = 0; m <= M; ++m) qo[m] = m;
   T* x = (T*)s.x;
@@ -372,42 +422,37 @@ int64_t step(const Step& s) {
   aa.kv_indptr = s.kv_indptr; aa.kv_indices = s.kv_indices; aa.qo_indptr = qo.data();
   aa.req_list = nullptr; aa.n_req_list = -1;
   aa.sm_scale = s.sm_scale; aa.nthreads = nt;
-  for (int64_t l = 0; l < s.n_layers; ++l) {
+  float* pp = part.data();
+  float* xb = x32.data();
+  float* yb = y32.data();
+  int64_t rc = OK;
+  for (int64_t l = 0; l < s.n_layers && rc == OK; ++l) {
     const Layer& L = s.layers[l];
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp single
-      rms_norm<T>(x, (const T*)L.norm1, h.data(), M, H, eps);
-      product<T>(L.qkv, M, h.data(), H, qkv.data(), qkv_w, STORE, part.data());
-#pragma omp single
-      rope_store<T>(s, L, qkv.data(), qkv_w);
-    }
+    rms_norm<T>(x, (const T*)L.norm1, h.data(), M, H, eps);
+    rc = run_product<T>(s, L.qkv, h.data(), H, qkv.data(), qkv_w, STORE, pp, xb, yb);
+    if (rc) break;
+    rope_store<T>(s, L, qkv.data(), qkv_w);
     aa.k = L.k_buf; aa.v = L.v_buf;
-    const int64_t st_attn = s.attn(s.dtype, &aa);
-    if (st_attn != OK) return 100 + st_attn;  // (validated before layer 0: not expected)
-#pragma omp parallel num_threads(nt)
-    {
-      product<T>(L.o, M, o.data(), s.hq * d, x, H, RESIDUAL, part.data());
-#pragma omp single
-      rms_norm<T>(x, (const T*)L.norm2, h.data(), M, H, eps);
-      product<T>(L.gate_up, M, h.data(), H, gu.data(), 2 * I, STORE, part.data());
-#pragma omp single
-      silu_mul<T>(gu.data(), act.data(), M, I);
-      product<T>(L.down, M, act.data(), I, x, H, RESIDUAL, part.data());
-    }
+    rc = s.attn(s.dtype, &aa);
+    if (rc) { rc += 100; break; }  // (indices were validated before layer 0: not expected)
+    rc = run_product<T>(s, L.o, o.data(), s.hq * d, x, H, RESIDUAL, pp, xb, yb);
+    if (rc) break;
+    rms_norm<T>(x, (const T*)L.norm2, h.data(), M, H, eps);
+    rc = run_product<T>(s, L.gate_up, h.data(), H, gu.data(), 2 * I, STORE, pp, xb, yb);
+    if (rc) break;
+    silu_mul<T>(gu.data(), act.data(), M, I);
+    rc = run_product<T>(s, L.down, act.data(), I, x, H, RESIDUAL, pp, xb, yb);
   }
-#pragma omp parallel num_threads(nt)
-  {
-#pragma omp single
-    rms_norm<T>(x, (const T*)s.final_norm, h.data(), M, H, eps);
-    product<T>(s.head, M, h.data(), H, s.logits, s.head.O, LOGITS, part.data());
-  }
-  return OK;
+  if (rc) return rc;
+  rms_norm<T>(x, (const T*)s.final_norm, h.data(), M, H, eps);
+  return run_product<T>(s, s.head, h.data(), H, s.logits, s.head.O, LOGITS, pp, xb, yb);
 }
 #endif  // RKV_STEP
 
-bool lin_ok(const Lin& L, int64_t O, int64_t K) {
-  return L.w && L.O == O && L.K == K && O % 64 == 0 && K % 64 == 0;
+bool lin_ok(const Step& s, const Lin& L, int64_t O, int64_t K) {
+  if (L.O != O || L.K != K) return false;
+  if (L.kind == TILES) return L.w && O % 64 == 0 && K % 64 == 0;
+  return L.kind == QGEMM && s.qgemm && L.qs && L.scales;
 }
 
 }  // namespace
@@ -434,11 +479,11 @@ int64_t rkv_decode_step(const Step* sp) {
   const int64_t qkv_w = (s.hq + 2 * s.hkv) * s.d;
   for (int64_t l = 0; l < s.n_layers; ++l) {
     const Layer& L = s.layers[l];
-    if (!lin_ok(L.qkv, qkv_w, s.H) || !lin_ok(L.o, s.H, s.hq * s.d) ||
-        !lin_ok(L.gate_up, 2 * s.I, s.H) || !lin_ok(L.down, s.H, s.I))
+    if (!lin_ok(s, L.qkv, qkv_w, s.H) || !lin_ok(s, L.o, s.H, s.hq * s.d) ||
+        !lin_ok(s, L.gate_up, 2 * s.I, s.H) || !lin_ok(s, L.down, s.H, s.I))
       return BAD_SHAPE;
   }
-  if (!lin_ok(s.head, s.head.O, s.H)) return BAD_SHAPE;
+  if (!lin_ok(s, s.head, s.head.O, s.H)) return BAD_SHAPE;
   for (int64_t m = 0; m < s.M; ++m)
     if ((uint64_t)s.slots[m] >= (uint64_t)s.rows) return BAD_SLOT;
   const int64_t* ip = s.kv_indptr;
