@@ -8,6 +8,7 @@ import os
 import torch
 
 from radixkv.attention import cpu_kernels, torch_backend
+from radixkv.attention import shared_prefix as shared_prefix_kernel
 from radixkv.attention.validation import (
     check_decode,
     check_extend,
@@ -70,7 +71,7 @@ set_quant_store_hook(_cpu_quant_store)
 def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
            kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
            sm_scale: float | None = None, *, k_scale: torch.Tensor | None = None,
-           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+           v_scale: torch.Tensor | None = None, shared_prefix: int = 0) -> torch.Tensor:
     """Attention of one new query per request over its KV slots.
 
     Args:
@@ -85,6 +86,9 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         sm_scale: softmax scale, default `1 / sqrt(D)`.
         k_scale, v_scale: `[rows, Hkv]` float32 for quantized buffers (int8 / float8_e4m3fn,
             the pool's `get_kv_scales(layer)`): slot s, head h holds `code * scale[s, h]`.
+        shared_prefix: a promise that the first `shared_prefix` slots of every request are the
+            same slots (`shared_prefix.common_prefix_len`; the CPU kernel checks it): on the
+            CPU they are then read once for the whole batch. 0: no promise.
 
     Returns:
         o `[B, Hq, D]` in q's dtype; a request with no slots gets zeros.
@@ -102,6 +106,10 @@ def decode(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
         from radixkv.attention import triton_backend
         return triton_backend.decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale,
                                      k_scale=k_scale, v_scale=v_scale)
+    if shared_prefix >= shared_prefix_kernel.MIN_SHARED and q.shape[0] > 1 \
+            and k_scale is None and shared_prefix_kernel.supports(q, k_buffer):
+        return shared_prefix_kernel.decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale,
+                                           shared_prefix)
     if cpu_kernels.supports(q, k_buffer):
         return cpu_kernels.decode(q, k_buffer, v_buffer, kv_indptr, kv_indices, scale,
                                   k_scale, v_scale)

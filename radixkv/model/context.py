@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from radixkv.attention.shared_prefix import common_prefix_len
 from radixkv.memory import TokenToKVPool
 
 
@@ -34,6 +35,9 @@ class ForwardContext:
     - `qo_indptr` [B+1]: new-token offsets per request (decode: arange(B+1)).
     - `kv_indptr` [B+1], `kv_indices` [nnz]: each request's slots, cached prefix then new tokens.
     - `logits_indices` [M]: rows of the N hidden states whose logits are returned.
+    - `shared_prefix`: how many leading slots every request of a decode batch has in common
+      (a shared system prompt; 0: none, or too short to matter), so attention can read them
+      once for the whole batch (`radixkv.attention.shared_prefix`).
     """
 
     kv_pool: TokenToKVPool
@@ -44,6 +48,7 @@ class ForwardContext:
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
     logits_indices: torch.Tensor
+    shared_prefix: int = 0
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("radixkv_forward_context", default=None)
@@ -93,6 +98,9 @@ def make_forward_context(kv_pool: TokenToKVPool, *, starts: np.ndarray, ends: np
     if is_decode is None:
         is_decode = bool((lens == 1).all())
     dev = torch.device(device) if device is not None else kv_pool.device
+    shared = 0
+    if is_decode and len(lens) > 1 and kv_indices.device.type == "cpu":
+        shared = common_prefix_len(kv_indptr, kv_indices)
     return ForwardContext(
         kv_pool=kv_pool,
         is_decode=is_decode,
@@ -102,6 +110,7 @@ def make_forward_context(kv_pool: TokenToKVPool, *, starts: np.ndarray, ends: np
         kv_indptr=kv_indptr.to(dev),
         kv_indices=kv_indices.to(dev),
         logits_indices=torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(dev),
+        shared_prefix=shared,
     )
 
 

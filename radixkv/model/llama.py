@@ -85,7 +85,7 @@ class LlamaAttention(nn.Module):
         k_sc, v_sc = pool.get_kv_scales(self.layer_id)
         if ctx.is_decode:
             o = attention.decode(q, k_buf, v_buf, ctx.kv_indptr, ctx.kv_indices, self.scale,
-                                 k_scale=k_sc, v_scale=v_sc)
+                                 k_scale=k_sc, v_scale=v_sc, shared_prefix=ctx.shared_prefix)
         else:
             o = attention.extend(q, k_buf, v_buf, ctx.qo_indptr, ctx.kv_indptr, ctx.kv_indices,
                                  self.scale, k_scale=k_sc, v_scale=v_sc)
