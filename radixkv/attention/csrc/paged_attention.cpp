@@ -161,6 +161,65 @@ inline void store(_Float16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 
+// ---- AVX-512 (16 floats per vector) --------------------------------------------------------
+// Built only with -march=native on an AVX-512 CPU; elsewhere (and for head_dim not a multiple
+// of 16, or quantized KV) the 8-wide kernels above run. RADIXKV_CPU_AVX512=0 in the environment
+// selects the 8-wide kernels on an AVX-512 CPU too (to test them there).
+#ifdef __AVX512F__
+constexpr int L = 16;  // floats per zmm vector
+
+bool avx512_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("RADIXKV_CPU_AVX512");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 ld16(const _Float16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+inline void st16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// The rounding of the 8-wide store: nearest even, NaN stays a quiet NaN.
+inline void st16(bf16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+}
+inline void st16(_Float16* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p,
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// exp2v's polynomial 16 wide; 2^n is applied by vscalefps. 0 below -126 (and for -inf).
+inline __m512 exp2x(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-126.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910072e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#endif  // __AVX512F__
+
 struct Args {
   int64_t n_q, batch, hq, hkv, d, rows, nnz;
   const void* q; int64_t q_sn, q_sh;
@@ -325,6 +384,214 @@ void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_
   }
 }
 
+#ifdef __AVX512F__
+// ---- decode, 16 wide ------------------------------------------------------------------------
+// The chunk walk of decode_chunk, per KV head: the block's K/V rows of that head (read from the
+// pool for float32, widened once into a float32 tile otherwise) serve its G query heads. Scores
+// of 16 tokens for one head come from 16 accumulators along D and one transposing reduce
+// (x_reduce16); P @ V keeps up to 6 heads x 4 column vectors in registers. The next block's
+// rows are prefetched while this one computes (slots are scattered: no hardware prefetcher
+// can guess them).
+
+// Sum of the lanes of a[j] for j < 16, returned in lane 4 * (j % 4) + j / 4 (the order the
+// shuffle tree leaves them in; callers feed token 4 * (j % 4) + j / 4 as a[j], so lane i holds
+// token i).
+inline __m512 x_reduce16(const __m512* a) {
+  __m512 b[8], c[4], e[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: [a0 | a1] partial sums of 8
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // 128-bit chunk k holds 4 partial sums of a[4 i + k]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xdd));
+}
+
+// s[i] = q . kr[i] for the 16 rows kr[0 .. 16) (float32, D = 16 NC).
+template <int NC, typename E>
+inline void x_score16(const float* q, const E* const* kr, float* s) {
+  __m512 qv[NC], acc[16];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + c * L);
+  for (int j = 0; j < 16; ++j) {
+    const E* k = kr[4 * (j % 4) + j / 4];
+    __m512 x = _mm512_mul_ps(qv[0], ld16(k));
+    for (int c = 1; c < NC; ++c) x = _mm512_fmadd_ps(qv[c], ld16(k + c * L), x);
+    acc[j] = x;
+  }
+  _mm512_storeu_ps(s, x_reduce16(acc));
+}
+
+template <typename E>
+inline void x_score16_any(int nc, const float* q, const E* const* kr, float* s) {
+  switch (nc) {
+    case 4: x_score16<4, E>(q, kr, s); break;
+    case 8: x_score16<8, E>(q, kr, s); break;
+    case 1: x_score16<1, E>(q, kr, s); break;
+    case 2: x_score16<2, E>(q, kr, s); break;
+    case 3: x_score16<3, E>(q, kr, s); break;
+    case 5: x_score16<5, E>(q, kr, s); break;
+    case 6: x_score16<6, E>(q, kr, s); break;
+    case 7: x_score16<7, E>(q, kr, s); break;
+    default: {  // D > 128: partial sums over 128-column slices
+      alignas(64) float part[L];
+      for (int i = 0; i < L; ++i) s[i] = 0.f;
+      const E* kk[16];
+      for (int c0 = 0; c0 < nc; c0 += 8) {
+        const int w = nc - c0 < 8 ? nc - c0 : 8;
+        for (int i = 0; i < 16; ++i) kk[i] = kr[i] + c0 * L;
+        x_score16_any(w, q + c0 * L, kk, part);
+        for (int i = 0; i < L; ++i) s[i] += part[i];
+      }
+    }
+  }
+}
+
+// acc[h][c + 16 k] = acc[h][...] * alpha[h] + sum_t p[h * DEC_BLK + t] * vr[t][c + 16 k].
+template <int NH, int NC, typename E>
+inline void x_dpv(float* acc, int64_t d, const float* p, const E* const* vr, int n,
+                  const float* alpha, int64_t c) {
+  __m512 o[NH][NC];
+  for (int h = 0; h < NH; ++h) {
+    const __m512 al = _mm512_set1_ps(alpha[h]);
+    for (int k = 0; k < NC; ++k)
+      o[h][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + c + k * L), al);
+  }
+  for (int t = 0; t < n; ++t) {
+    __m512 vv[NC];
+    for (int k = 0; k < NC; ++k) vv[k] = ld16(vr[t] + c + k * L);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 pb = _mm512_set1_ps(p[h * DEC_BLK + t]);
+      for (int k = 0; k < NC; ++k) o[h][k] = _mm512_fmadd_ps(pb, vv[k], o[h][k]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(acc + h * d + c + k * L, o[h][k]);
+}
+
+template <int NH, typename E>
+inline void x_dpv_cols(float* acc, int64_t d, const float* p, const E* const* vr, int n,
+                       const float* alpha) {
+  int64_t c = 0;
+  for (; c + 4 * L <= d; c += 4 * L) x_dpv<NH, 4, E>(acc, d, p, vr, n, alpha, c);
+  switch ((d - c) / L) {
+    case 3: x_dpv<NH, 3, E>(acc, d, p, vr, n, alpha, c); break;
+    case 2: x_dpv<NH, 2, E>(acc, d, p, vr, n, alpha, c); break;
+    case 1: x_dpv<NH, 1, E>(acc, d, p, vr, n, alpha, c); break;
+    default: break;
+  }
+}
+
+template <typename T>
+inline void x_prefetch_slots(const Args& a, const int64_t* idx, int n) {
+  const int64_t bytes = a.d * (int64_t)sizeof(T);
+  for (int t = 0; t < n; ++t)
+    for (int64_t hk = 0; hk < a.hkv; ++hk) {
+      const char* kp = (const char*)((const T*)a.k + idx[t] * a.k_ss + hk * a.k_sh);
+      const char* vp = (const char*)((const T*)a.v + idx[t] * a.v_ss + hk * a.v_sh);
+      for (int64_t off = 0; off < bytes; off += 64) {
+        _mm_prefetch(kp + off, _MM_HINT_T0);
+        _mm_prefetch(vp + off, _MM_HINT_T0);
+      }
+    }
+}
+
+// decode_chunk for float K/V with D % 16 == 0. tile: 2 DEC_BLK D floats (half K/V only).
+template <typename T>
+void x_decode_chunk(const Args& a, const float* qs, int64_t beg, int64_t end, Partial out,
+                    float* s /* [Hq, DEC_BLK] */, float* tile) {
+  const int64_t hq = a.hq, hkv = a.hkv, g = hq / hkv, d = a.d;
+  const int nc = (int)(d / L);
+  const T* kb = (const T*)a.k;
+  const T* vb = (const T*)a.v;
+  for (int64_t h = 0; h < hq; ++h) {
+    out.m[h] = -__builtin_inff();
+    out.l[h] = 0.f;
+    std::memset(out.acc + h * d, 0, sizeof(float) * d);
+  }
+  // Rows are read in place for float32 K/V, from the widened tile otherwise (reading half
+  // rows in place, widening per query head, measured slower at batch 8-32).
+  using E = float;
+  constexpr bool DIRECT = std::is_same<T, float>::value;
+  const E* kr[DEC_BLK + 16];
+  const E* vr[DEC_BLK];
+  alignas(64) float alpha[64];  // g <= 64 (decode_impl checks)
+  x_prefetch_slots<T>(a, a.kv_indices + beg, (int)(end - beg < DEC_BLK ? end - beg : DEC_BLK));
+  for (int64_t t0 = beg; t0 < end; t0 += DEC_BLK) {
+    const int n = (int)(end - t0 < DEC_BLK ? end - t0 : DEC_BLK);
+    const int n16 = (n + 15) & ~15;
+    const int64_t* idx = a.kv_indices + t0;
+    if (t0 + DEC_BLK < end)
+      x_prefetch_slots<T>(a, idx + DEC_BLK,
+                          (int)(end - t0 - DEC_BLK < DEC_BLK ? end - t0 - DEC_BLK : DEC_BLK));
+    for (int64_t hk = 0; hk < hkv; ++hk) {
+      for (int t = 0; t < n; ++t) {
+        const T* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
+        const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+        if (DIRECT) {
+          kr[t] = (const E*)kp;
+          vr[t] = (const E*)vp;
+        } else {
+          float* kt = tile + t * d;
+          float* vt = tile + (DEC_BLK + t) * d;
+          for (int64_t j = 0; j < d; j += L) {
+            _mm512_store_ps(kt + j, ld16(kp + j));
+            _mm512_store_ps(vt + j, ld16(vp + j));
+          }
+          kr[t] = (const E*)kt;
+          vr[t] = (const E*)vt;
+        }
+      }
+      for (int t = n; t < n16; ++t) kr[t] = kr[n - 1];  // scored, then masked
+      float* sh0 = s + hk * g * DEC_BLK;
+      for (int64_t gi = 0; gi < g; ++gi) {
+        const int64_t h = hk * g + gi;
+        float* sh = sh0 + gi * DEC_BLK;
+        for (int t = 0; t < n16; t += 16) x_score16_any(nc, qs + h * d, kr + t, sh + t);
+        // Online softmax of this head's block.
+        const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+        if (n < n16) {
+          const __mmask16 keep = (__mmask16)((1u << (n & 15)) - 1);
+          float* last = sh + n16 - 16;
+          _mm512_storeu_ps(last, _mm512_mask_mov_ps(ninf, keep, _mm512_loadu_ps(last)));
+        }
+        __m512 mv = _mm512_loadu_ps(sh);
+        for (int t = 16; t < n16; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + t));
+        const float mb = _mm512_reduce_max_ps(mv);
+        const float m_new = mb > out.m[h] ? mb : out.m[h];
+        const __m512 mn = _mm512_set1_ps(m_new);
+        alpha[gi] = _mm512_cvtss_f32(exp2x(_mm512_set1_ps(out.m[h] - m_new)));
+        out.m[h] = m_new;
+        __m512 ls = _mm512_setzero_ps();
+        for (int t = 0; t < n16; t += 16) {
+          const __m512 p = exp2x(_mm512_sub_ps(_mm512_loadu_ps(sh + t), mn));
+          _mm512_storeu_ps(sh + t, p);
+          ls = _mm512_add_ps(ls, p);
+        }
+        out.l[h] = out.l[h] * alpha[gi] + _mm512_reduce_add_ps(ls);
+      }
+      // acc_h = acc_h * alpha_h + P_h @ V for this KV head's query heads, 6 at a time.
+      float* acc = out.acc + hk * g * d;
+      int64_t h = 0;
+      for (; h + 6 <= g; h += 6)
+        x_dpv_cols<6>(acc + h * d, d, sh0 + h * DEC_BLK, vr, n, alpha + h);
+      float* ah = acc + h * d;
+      const float* ph = sh0 + h * DEC_BLK;
+      switch (g - h) {
+        case 5: x_dpv_cols<5>(ah, d, ph, vr, n, alpha + h); break;
+        case 4: x_dpv_cols<4>(ah, d, ph, vr, n, alpha + h); break;
+        case 3: x_dpv_cols<3>(ah, d, ph, vr, n, alpha + h); break;
+        case 2: x_dpv_cols<2>(ah, d, ph, vr, n, alpha + h); break;
+        case 1: x_dpv_cols<1>(ah, d, ph, vr, n, alpha + h); break;
+        default: break;
+      }
+    }
+  }
+}
+#endif  // __AVX512F__
+
 template <typename T>
 void load_q(const Args& a, int64_t row, float scale, float* qs) {
   const T* qb = (const T*)a.q + row * a.q_sn;
@@ -377,6 +644,14 @@ int64_t decode_impl(const Args& a) {
 #pragma omp parallel num_threads(nt) if (par)
   {
     std::vector<float> qs((size_t)(hq * d)), s((size_t)(hq * DEC_BLK));
+#ifdef __AVX512F__
+    // The 16-wide chunk walk: float K/V, D % 16 == 0; its widening tile for half K/V.
+    const bool x16 = std::is_same<T, KT>::value && d % L == 0 && hq / a.hkv <= 64 &&
+                     avx512_enabled();
+    std::unique_ptr<float[]> tile(x16 && !std::is_same<T, float>::value
+                                      ? new float[(size_t)(2 * DEC_BLK * d + 16)] : nullptr);
+    float* tile_p = (float*)(((uintptr_t)tile.get() + 63) & ~(uintptr_t)63);
+#endif
     std::vector<float> l((size_t)hq), acc((size_t)(hq * d));
     int64_t q_row = -1;
 #pragma omp for schedule(dynamic, 1) nowait
@@ -394,6 +669,10 @@ int64_t decode_impl(const Args& a) {
       if (q_row != b) { load_q<T>(a, b, scale, qs.data()); q_row = b; }
       float* p = part.data() + task * pstride;
       Partial out{p, p + hq, p + 2 * hq};
+#ifdef __AVX512F__
+      if (x16) x_decode_chunk<T>(a, qs.data(), beg, end, out, s.data(), tile_p);
+      else
+#endif
       decode_chunk<KT, DV>(a, (int)(d / W), qs.data(), beg, end, out, s.data());
       // acq_rel: the last finisher sees every other chunk's partials.
       if (left[b].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
@@ -658,64 +937,7 @@ int64_t extend_impl8(const Args& a) {
   return OK;
 }
 
-// ---- AVX-512 (16 floats per vector) --------------------------------------------------------
-// Built only with -march=native on an AVX-512 CPU; elsewhere (and for head_dim not a multiple
-// of 16, or quantized KV) the 8-wide kernels above run. RADIXKV_CPU_AVX512=0 in the environment
-// selects the 8-wide kernels on an AVX-512 CPU too (to test them there).
 #ifdef __AVX512F__
-constexpr int L = 16;  // floats per zmm vector
-
-bool avx512_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("RADIXKV_CPU_AVX512");
-    return !(e && e[0] == '0');
-  }();
-  return on;
-}
-
-inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 ld16(const bf16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-inline __m512 ld16(const _Float16* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-}
-inline void st16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-// The rounding of the 8-wide store: nearest even, NaN stays a quiet NaN.
-inline void st16(bf16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i hi = _mm512_srli_epi32(u, 16);
-  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
-}
-inline void st16(_Float16* p, __m512 v) {
-  _mm256_storeu_si256((__m256i*)p,
-                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// exp2v's polynomial 16 wide; 2^n is applied by vscalefps. 0 below -126 (and for -inf).
-inline __m512 exp2x(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-126.0f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-4f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910072e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}
-
 // ---- extend, 16 wide ------------------------------------------------------------------------
 // Same tasks as the 8-wide extend, but with no horizontal reductions anywhere:
 //  * the tile's queries are transposed once into qT [D][R] (R rows: r = gi * BM + qi, head
@@ -784,7 +1006,8 @@ inline void x_pv(float* o, int64_t D, const float* s, int64_t R, const float* vt
   __m512 acc[MR][NC];
   for (int i = 0; i < MR; ++i) {
     const __m512 al = _mm512_set1_ps(alpha[i]);
-    for (int k = 0; k < NC; ++k) acc[i][k] = _mm512_mul_ps(_mm512_loadu_ps(o + i * D + k * L), al);
+    for (int k = 0; k < NC; ++k)
+      acc[i][k] = _mm512_mul_ps(_mm512_loadu_ps(o + i * D + k * L), al);
   }
   for (int t = 0; t < n; ++t) {
     __m512 vv[NC];
