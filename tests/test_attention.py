@@ -237,6 +237,89 @@ def test_extend_mixes_fused_and_sdpa_paths(monkeypatch: pytest.MonkeyPatch) -> N
     assert _err(out, _exact_extend(q, lay, qo, None)) <= 1e-5
 
 
+# ---- the 16-wide (AVX-512) kernels' own edge cases ------------------------------------------
+# On an AVX-512 build, head_dim % 16 == 0 runs the 16-wide kernels: queries in tiles of 16, 32
+# or 48 (by group size and task count), 16-token score groups, column vectors of 16 with a tail
+# of 1-3, and the > 128 head_dim slices of decode; other head_dims run the 8-wide kernels.
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest):  # noqa: ANN201
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("d", [16, 48, 80, 96, 256])
+def test_decode_head_dims_and_groups(group: int, d: int, threads: int) -> None:
+    _skip_unbuilt("cpp")
+    kv_lens = [1, 15, 16, 17, 63, 64, 65, 300]  # tails of every kind, in 16 and 64 blocks
+    lay = fragmented_layout(kv_lens, 2, d, torch.float32, seed=group * 31 + d)
+    q = torch.randn(len(kv_lens), 2 * group, d, generator=torch.Generator().manual_seed(d))
+    out = cpu_kernels.decode(q, lay.k, lay.v, lay.kv_indptr, lay.kv_indices, d ** -0.5)
+    assert _err(out, _exact_decode(q, lay, None)) <= 1e-5
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("d", [16, 48, 96])
+def test_extend_head_dims_and_groups(group: int, d: int, threads: int) -> None:
+    _skip_unbuilt("cpp")
+    # (prefix, new): tiles with 1 .. 47 spare rows, blocks cut anywhere by the causal end,
+    # long prefixes (several 64-token blocks before the diagonal) and enough tokens for the
+    # 32-query tiles of G >= 3.
+    shape = [(0, 1), (0, 17), (5, 33), (64, 49), (200, 3), (130, 97), (0, 160), (7, 0)]
+    lay = fragmented_layout([p + n for p, n in shape], 2, d, torch.float32, seed=group + d)
+    qo = _qo_indptr([n for _, n in shape])
+    q = torch.randn(int(qo[-1]), 2 * group, d, generator=torch.Generator().manual_seed(group))
+    out = cpu_kernels.extend(q, lay.k, lay.v, qo, lay.kv_indptr, lay.kv_indices, d ** -0.5)
+    assert _err(out, _exact_extend(q, lay, qo, None)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_kv_long_context(dtype: torch.dtype, threads: int) -> None:
+    # Half K/V widened into the 16-wide kernels' tiles, over several blocks and chunks.
+    _skip_unbuilt("cpp")
+    shape = [(600, 30), (0, 130), (3000, 1)]
+    lay = fragmented_layout([p + n for p, n in shape], 3, 64, dtype, seed=21)
+    qo = _qo_indptr([n for _, n in shape])
+    q = torch.randn(int(qo[-1]), 9, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out = cpu_kernels.extend(q, lay.k, lay.v, qo, lay.kv_indptr, lay.kv_indices, 0.125)
+    assert _err(out, _exact_extend(q, lay, qo, 0.125)) <= TOL[dtype]
+    qd = q[qo[1:] - 1]  # each request's last token, as a decode step
+    out = cpu_kernels.decode(qd, lay.k, lay.v, lay.kv_indptr, lay.kv_indices, 0.125)
+    assert _err(out, _exact_decode(qd, lay, 0.125)) <= TOL[dtype]
+
+
+def test_eight_wide_kernels_still_match_the_reference() -> None:
+    # RADIXKV_CPU_AVX512=0 runs the 8-wide kernels (those of AVX2-only machines) here too.
+    _skip_unbuilt("cpp")
+    code = (
+        "import torch\n"
+        "from radixkv.attention import cpu_kernels, reference\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):\n"
+        "    for d, grp in ((64, 3), (128, 1), (32, 4)):\n"
+        "        k = torch.randn(400, 2, d, generator=g).to(dt)\n"
+        "        v = torch.randn(400, 2, d, generator=g).to(dt)\n"
+        "        ix = torch.randperm(400, generator=g)[:330]\n"
+        "        ip = torch.tensor([0, 30, 330]); qo = torch.tensor([0, 7, 107])\n"
+        "        q = torch.randn(107, 2 * grp, d, generator=g).to(dt)\n"
+        "        o = cpu_kernels.extend(q, k, v, qo, ip, ix, d ** -0.5)\n"
+        "        ref = reference.extend(q.double(), k.double(), v.double(), qo, ip, ix)\n"
+        "        assert (o.double() - ref).abs().max() <= tol, (dt, d, grp)\n"
+        "        qd = q[:2]\n"
+        "        o = cpu_kernels.decode(qd, k, v, ip, ix, d ** -0.5)\n"
+        "        ref = reference.decode(qd.double(), k.double(), v.double(), ip, ix)\n"
+        "        assert (o.double() - ref).abs().max() <= tol, (dt, d, grp)\n"
+        "print('8-wide ok')\n"
+    )
+    env = dict(os.environ, RADIXKV_CPU_AVX512="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "8-wide ok" in res.stdout
+
+
 # ---- hypothesis-generated shapes -----------------------------------------------------------
 _shapes = st.fixed_dictionaries({
     "reqs": st.lists(st.tuples(st.integers(0, 70), st.integers(0, 20)), min_size=1, max_size=5),

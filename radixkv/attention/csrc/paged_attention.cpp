@@ -161,6 +161,65 @@ inline void store(_Float16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 
+// ---- AVX-512 (16 floats per vector) --------------------------------------------------------
+// Built only with -march=native on an AVX-512 CPU; elsewhere (and for head_dim not a multiple
+// of 16, or quantized KV) the 8-wide kernels above run. RADIXKV_CPU_AVX512=0 in the environment
+// selects the 8-wide kernels on an AVX-512 CPU too (to test them there).
+#ifdef __AVX512F__
+constexpr int L = 16;  // floats per zmm vector
+
+bool avx512_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("RADIXKV_CPU_AVX512");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline __m512 ld16(const _Float16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+inline void st16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// The rounding of the 8-wide store: nearest even, NaN stays a quiet NaN.
+inline void st16(bf16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+}
+inline void st16(_Float16* p, __m512 v) {
+  _mm256_storeu_si256((__m256i*)p,
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// exp2v's polynomial 16 wide; 2^n is applied by vscalefps. 0 below -126 (and for -inf).
+inline __m512 exp2x(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-126.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910072e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#endif  // __AVX512F__
+
 struct Args {
   int64_t n_q, batch, hq, hkv, d, rows, nnz;
   const void* q; int64_t q_sn, q_sh;
@@ -325,6 +384,214 @@ void decode_chunk(const Args& a, int dv_rt, const float* qs, int64_t beg, int64_
   }
 }
 
+#ifdef __AVX512F__
+// ---- decode, 16 wide ------------------------------------------------------------------------
+// The chunk walk of decode_chunk, per KV head: the block's K/V rows of that head (read from the
+// pool for float32, widened once into a float32 tile otherwise) serve its G query heads. Scores
+// of 16 tokens for one head come from 16 accumulators along D and one transposing reduce
+// (x_reduce16); P @ V keeps up to 6 heads x 4 column vectors in registers. The next block's
+// rows are prefetched while this one computes (slots are scattered: no hardware prefetcher
+// can guess them).
+
+// Sum of the lanes of a[j] for j < 16, returned in lane 4 * (j % 4) + j / 4 (the order the
+// shuffle tree leaves them in; callers feed token 4 * (j % 4) + j / 4 as a[j], so lane i holds
+// token i).
+inline __m512 x_reduce16(const __m512* a) {
+  __m512 b[8], c[4], e[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: [a0 | a1] partial sums of 8
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // 128-bit chunk k holds 4 partial sums of a[4 i + k]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)
+    e[i] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(c[2 * i], c[2 * i + 1], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xdd));
+}
+
+// s[i] = q . kr[i] for the 16 rows kr[0 .. 16) (float32, D = 16 NC).
+template <int NC, typename E>
+inline void x_score16(const float* q, const E* const* kr, float* s) {
+  __m512 qv[NC], acc[16];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + c * L);
+  for (int j = 0; j < 16; ++j) {
+    const E* k = kr[4 * (j % 4) + j / 4];
+    __m512 x = _mm512_mul_ps(qv[0], ld16(k));
+    for (int c = 1; c < NC; ++c) x = _mm512_fmadd_ps(qv[c], ld16(k + c * L), x);
+    acc[j] = x;
+  }
+  _mm512_storeu_ps(s, x_reduce16(acc));
+}
+
+template <typename E>
+inline void x_score16_any(int nc, const float* q, const E* const* kr, float* s) {
+  switch (nc) {
+    case 4: x_score16<4, E>(q, kr, s); break;
+    case 8: x_score16<8, E>(q, kr, s); break;
+    case 1: x_score16<1, E>(q, kr, s); break;
+    case 2: x_score16<2, E>(q, kr, s); break;
+    case 3: x_score16<3, E>(q, kr, s); break;
+    case 5: x_score16<5, E>(q, kr, s); break;
+    case 6: x_score16<6, E>(q, kr, s); break;
+    case 7: x_score16<7, E>(q, kr, s); break;
+    default: {  // D > 128: partial sums over 128-column slices
+      alignas(64) float part[L];
+      for (int i = 0; i < L; ++i) s[i] = 0.f;
+      const E* kk[16];
+      for (int c0 = 0; c0 < nc; c0 += 8) {
+        const int w = nc - c0 < 8 ? nc - c0 : 8;
+        for (int i = 0; i < 16; ++i) kk[i] = kr[i] + c0 * L;
+        x_score16_any(w, q + c0 * L, kk, part);
+        for (int i = 0; i < L; ++i) s[i] += part[i];
+      }
+    }
+  }
+}
+
+// acc[h][c + 16 k] = acc[h][...] * alpha[h] + sum_t p[h * DEC_BLK + t] * vr[t][c + 16 k].
+template <int NH, int NC, typename E>
+inline void x_dpv(float* acc, int64_t d, const float* p, const E* const* vr, int n,
+                  const float* alpha, int64_t c) {
+  __m512 o[NH][NC];
+  for (int h = 0; h < NH; ++h) {
+    const __m512 al = _mm512_set1_ps(alpha[h]);
+    for (int k = 0; k < NC; ++k)
+      o[h][k] = _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + c + k * L), al);
+  }
+  for (int t = 0; t < n; ++t) {
+    __m512 vv[NC];
+    for (int k = 0; k < NC; ++k) vv[k] = ld16(vr[t] + c + k * L);
+    for (int h = 0; h < NH; ++h) {
+      const __m512 pb = _mm512_set1_ps(p[h * DEC_BLK + t]);
+      for (int k = 0; k < NC; ++k) o[h][k] = _mm512_fmadd_ps(pb, vv[k], o[h][k]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(acc + h * d + c + k * L, o[h][k]);
+}
+
+template <int NH, typename E>
+inline void x_dpv_cols(float* acc, int64_t d, const float* p, const E* const* vr, int n,
+                       const float* alpha) {
+  int64_t c = 0;
+  for (; c + 4 * L <= d; c += 4 * L) x_dpv<NH, 4, E>(acc, d, p, vr, n, alpha, c);
+  switch ((d - c) / L) {
+    case 3: x_dpv<NH, 3, E>(acc, d, p, vr, n, alpha, c); break;
+    case 2: x_dpv<NH, 2, E>(acc, d, p, vr, n, alpha, c); break;
+    case 1: x_dpv<NH, 1, E>(acc, d, p, vr, n, alpha, c); break;
+    default: break;
+  }
+}
+
+template <typename T>
+inline void x_prefetch_slots(const Args& a, const int64_t* idx, int n) {
+  const int64_t bytes = a.d * (int64_t)sizeof(T);
+  for (int t = 0; t < n; ++t)
+    for (int64_t hk = 0; hk < a.hkv; ++hk) {
+      const char* kp = (const char*)((const T*)a.k + idx[t] * a.k_ss + hk * a.k_sh);
+      const char* vp = (const char*)((const T*)a.v + idx[t] * a.v_ss + hk * a.v_sh);
+      for (int64_t off = 0; off < bytes; off += 64) {
+        _mm_prefetch(kp + off, _MM_HINT_T0);
+        _mm_prefetch(vp + off, _MM_HINT_T0);
+      }
+    }
+}
+
+// decode_chunk for float K/V with D % 16 == 0. tile: 2 DEC_BLK D floats (half K/V only).
+template <typename T>
+void x_decode_chunk(const Args& a, const float* qs, int64_t beg, int64_t end, Partial out,
+                    float* s /* [Hq, DEC_BLK] */, float* tile) {
+  const int64_t hq = a.hq, hkv = a.hkv, g = hq / hkv, d = a.d;
+  const int nc = (int)(d / L);
+  const T* kb = (const T*)a.k;
+  const T* vb = (const T*)a.v;
+  for (int64_t h = 0; h < hq; ++h) {
+    out.m[h] = -__builtin_inff();
+    out.l[h] = 0.f;
+    std::memset(out.acc + h * d, 0, sizeof(float) * d);
+  }
+  // Rows are read in place for float32 K/V, from the widened tile otherwise (reading half
+  // rows in place, widening per query head, measured slower at batch 8-32).
+  using E = float;
+  constexpr bool DIRECT = std::is_same<T, float>::value;
+  const E* kr[DEC_BLK + 16];
+  const E* vr[DEC_BLK];
+  alignas(64) float alpha[64];  // g <= 64 (decode_impl checks)
+  x_prefetch_slots<T>(a, a.kv_indices + beg, (int)(end - beg < DEC_BLK ? end - beg : DEC_BLK));
+  for (int64_t t0 = beg; t0 < end; t0 += DEC_BLK) {
+    const int n = (int)(end - t0 < DEC_BLK ? end - t0 : DEC_BLK);
+    const int n16 = (n + 15) & ~15;
+    const int64_t* idx = a.kv_indices + t0;
+    if (t0 + DEC_BLK < end)
+      x_prefetch_slots<T>(a, idx + DEC_BLK,
+                          (int)(end - t0 - DEC_BLK < DEC_BLK ? end - t0 - DEC_BLK : DEC_BLK));
+    for (int64_t hk = 0; hk < hkv; ++hk) {
+      for (int t = 0; t < n; ++t) {
+        const T* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
+        const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+        if (DIRECT) {
+          kr[t] = (const E*)kp;
+          vr[t] = (const E*)vp;
+        } else {
+          float* kt = tile + t * d;
+          float* vt = tile + (DEC_BLK + t) * d;
+          for (int64_t j = 0; j < d; j += L) {
+            _mm512_store_ps(kt + j, ld16(kp + j));
+            _mm512_store_ps(vt + j, ld16(vp + j));
+          }
+          kr[t] = (const E*)kt;
+          vr[t] = (const E*)vt;
+        }
+      }
+      for (int t = n; t < n16; ++t) kr[t] = kr[n - 1];  // scored, then masked
+      float* sh0 = s + hk * g * DEC_BLK;
+      for (int64_t gi = 0; gi < g; ++gi) {
+        const int64_t h = hk * g + gi;
+        float* sh = sh0 + gi * DEC_BLK;
+        for (int t = 0; t < n16; t += 16) x_score16_any(nc, qs + h * d, kr + t, sh + t);
+        // Online softmax of this head's block.
+        const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+        if (n < n16) {
+          const __mmask16 keep = (__mmask16)((1u << (n & 15)) - 1);
+          float* last = sh + n16 - 16;
+          _mm512_storeu_ps(last, _mm512_mask_mov_ps(ninf, keep, _mm512_loadu_ps(last)));
+        }
+        __m512 mv = _mm512_loadu_ps(sh);
+        for (int t = 16; t < n16; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sh + t));
+        const float mb = _mm512_reduce_max_ps(mv);
+        const float m_new = mb > out.m[h] ? mb : out.m[h];
+        const __m512 mn = _mm512_set1_ps(m_new);
+        alpha[gi] = _mm512_cvtss_f32(exp2x(_mm512_set1_ps(out.m[h] - m_new)));
+        out.m[h] = m_new;
+        __m512 ls = _mm512_setzero_ps();
+        for (int t = 0; t < n16; t += 16) {
+          const __m512 p = exp2x(_mm512_sub_ps(_mm512_loadu_ps(sh + t), mn));
+          _mm512_storeu_ps(sh + t, p);
+          ls = _mm512_add_ps(ls, p);
+        }
+        out.l[h] = out.l[h] * alpha[gi] + _mm512_reduce_add_ps(ls);
+      }
+      // acc_h = acc_h * alpha_h + P_h @ V for this KV head's query heads, 6 at a time.
+      float* acc = out.acc + hk * g * d;
+      int64_t h = 0;
+      for (; h + 6 <= g; h += 6)
+        x_dpv_cols<6>(acc + h * d, d, sh0 + h * DEC_BLK, vr, n, alpha + h);
+      float* ah = acc + h * d;
+      const float* ph = sh0 + h * DEC_BLK;
+      switch (g - h) {
+        case 5: x_dpv_cols<5>(ah, d, ph, vr, n, alpha + h); break;
+        case 4: x_dpv_cols<4>(ah, d, ph, vr, n, alpha + h); break;
+        case 3: x_dpv_cols<3>(ah, d, ph, vr, n, alpha + h); break;
+        case 2: x_dpv_cols<2>(ah, d, ph, vr, n, alpha + h); break;
+        case 1: x_dpv_cols<1>(ah, d, ph, vr, n, alpha + h); break;
+        default: break;
+      }
+    }
+  }
+}
+#endif  // __AVX512F__
+
 template <typename T>
 void load_q(const Args& a, int64_t row, float scale, float* qs) {
   const T* qb = (const T*)a.q + row * a.q_sn;
@@ -377,6 +644,14 @@ int64_t decode_impl(const Args& a) {
 #pragma omp parallel num_threads(nt) if (par)
   {
     std::vector<float> qs((size_t)(hq * d)), s((size_t)(hq * DEC_BLK));
+#ifdef __AVX512F__
+    // The 16-wide chunk walk: float K/V, D % 16 == 0; its widening tile for half K/V.
+    const bool x16 = std::is_same<T, KT>::value && d % L == 0 && hq / a.hkv <= 64 &&
+                     avx512_enabled();
+    std::unique_ptr<float[]> tile(x16 && !std::is_same<T, float>::value
+                                      ? new float[(size_t)(2 * DEC_BLK * d + 16)] : nullptr);
+    float* tile_p = (float*)(((uintptr_t)tile.get() + 63) & ~(uintptr_t)63);
+#endif
     std::vector<float> l((size_t)hq), acc((size_t)(hq * d));
     int64_t q_row = -1;
 #pragma omp for schedule(dynamic, 1) nowait
@@ -394,6 +669,10 @@ int64_t decode_impl(const Args& a) {
       if (q_row != b) { load_q<T>(a, b, scale, qs.data()); q_row = b; }
       float* p = part.data() + task * pstride;
       Partial out{p, p + hq, p + 2 * hq};
+#ifdef __AVX512F__
+      if (x16) x_decode_chunk<T>(a, qs.data(), beg, end, out, s.data(), tile_p);
+      else
+#endif
       decode_chunk<KT, DV>(a, (int)(d / W), qs.data(), beg, end, out, s.data());
       // acq_rel: the last finisher sees every other chunk's partials.
       if (left[b].fetch_sub(1, std::memory_order_acq_rel) != 1) continue;
@@ -598,9 +877,10 @@ void extend_tile(const Args& a, int dv_rt, int64_t b, int64_t qt0, int64_t qt1, 
     }
 }
 
-template <typename T, typename KT, int DV>
-int64_t extend_impl(const Args& a) {
-  const int64_t g = a.hq / a.hkv, d = a.d;
+// Runs fn(ws, b, qt0, qt1, hk) for every task (request b, its new tokens qt0 .. qt1 in tiles of
+// bm, KV head hk) over the threads; ws = init() is each thread's workspace.
+template <typename Init, typename Fn>
+void for_each_tile(const Args& a, int64_t bm, int64_t bn, Init init, Fn fn) {
   // Requests to compute: all, or the caller's subset (the rest go to another path).
   const bool subset = a.n_req_list >= 0;
   const int64_t B = subset ? a.n_req_list : a.batch;
@@ -611,16 +891,14 @@ int64_t extend_impl(const Args& a) {
   for (int64_t i = 0; i < B; ++i) {
     const int64_t b = req(i);
     const int64_t n_new = a.qo_indptr[b + 1] - a.qo_indptr[b];
-    tile_start[i + 1] = tile_start[i] + (n_new + EXT_BM - 1) / EXT_BM;
+    tile_start[i + 1] = tile_start[i] + (n_new + bm - 1) / bm;
   }
   const int64_t ntiles = tile_start[B], ntasks = ntiles * a.hkv;
   const int nt = nthreads_of(a);
-  const bool par = nt > 1 && ntasks > 1 && a.n_q * a.hq * d * EXT_BN >= PAR_MIN_WORK;
+  const bool par = nt > 1 && ntasks > 1 && a.n_q * a.hq * a.d * bn >= PAR_MIN_WORK;
 #pragma omp parallel num_threads(nt) if (par)
   {
-    const int64_t R = EXT_BM * g + 1;  // + 1: the partner of an odd last row
-    std::vector<float> qs((size_t)(R * d)), sc((size_t)(R * EXT_BN)), kf((size_t)(d * EXT_BN)),
-        vt((size_t)(EXT_BN * d)), acc((size_t)(R * d)), m((size_t)R), l((size_t)R);
+    auto ws = init();
     // Later tiles of a request see more KV (causal), so hand out tasks from the end first.
 #pragma omp for schedule(dynamic, 1) nowait  // the region end is the only barrier
     for (int64_t rev = 0; rev < ntasks; ++rev) {
@@ -633,13 +911,297 @@ int64_t extend_impl(const Args& a) {
       }
       const int64_t b = req(lo);
       const int64_t n_new = a.qo_indptr[b + 1] - a.qo_indptr[b];
-      const int64_t qt0 = (tile - tile_start[lo]) * EXT_BM;
-      const int64_t qt1 = qt0 + EXT_BM < n_new ? qt0 + EXT_BM : n_new;
-      extend_tile<T, KT, DV>(a, (int)(d / W), b, qt0, qt1, hk, qs.data(), sc.data(), kf.data(),
-                         vt.data(), acc.data(), m.data(), l.data());
+      const int64_t qt0 = (tile - tile_start[lo]) * bm;
+      const int64_t qt1 = qt0 + bm < n_new ? qt0 + bm : n_new;
+      fn(ws, b, qt0, qt1, hk);
     }
   }
+}
+
+template <typename T, typename KT, int DV>
+int64_t extend_impl8(const Args& a) {
+  const int64_t g = a.hq / a.hkv, d = a.d;
+  struct Ws { std::vector<float> qs, sc, kf, vt, acc, m, l; };
+  auto init = [&] {
+    const int64_t R = EXT_BM * g + 1;  // + 1: the partner of an odd last row
+    return Ws{std::vector<float>((size_t)(R * d)), std::vector<float>((size_t)(R * EXT_BN)),
+              std::vector<float>((size_t)(d * EXT_BN)), std::vector<float>((size_t)(EXT_BN * d)),
+              std::vector<float>((size_t)(R * d)), std::vector<float>((size_t)R),
+              std::vector<float>((size_t)R)};
+  };
+  for_each_tile(a, EXT_BM, EXT_BN, init,
+                [&](Ws& w, int64_t b, int64_t qt0, int64_t qt1, int64_t hk) {
+    extend_tile<T, KT, DV>(a, (int)(d / W), b, qt0, qt1, hk, w.qs.data(), w.sc.data(),
+                           w.kf.data(), w.vt.data(), w.acc.data(), w.m.data(), w.l.data());
+  });
   return OK;
+}
+
+#ifdef __AVX512F__
+// ---- extend, 16 wide ------------------------------------------------------------------------
+// Same tasks as the 8-wide extend, but with no horizontal reductions anywhere:
+//  * the tile's queries are transposed once into qT [D][R] (R rows: r = gi * BM + qi, head
+//    major, so one vector holds 16 consecutive queries of one head), and each K block is
+//    gathered row-major into kt [BN][D]. Scores come out transposed, sT [t][r], from an
+//    outer-product micro-kernel: MT tokens x NVP row vectors of accumulators, per j one
+//    broadcast of kt[t][j] times the loaded qT[j][16 rows];
+//  * the online softmax runs down the token axis, 16 rows per vector (max, exp2, sum are
+//    element-wise; the causal mask is a lane mask);
+//  * acc [R][D] += P @ V with MR rows x NC column vectors of accumulators: per token one load
+//    of V's columns and MR broadcasts of p (read from sT), the running rescale folded into
+//    loading the accumulators.
+// The KV walk stops at the tile's last query, so the causal triangle costs only its diagonal
+// 16 x 16 corners.
+
+constexpr int X_BN = 64;    // KV tokens per block
+constexpr int X_PAD = 16;   // spare rows after a block (the token micro-kernel's tail)
+
+// Queries per tile: enough for >= 3 row vectors; with G >= 3, 32 queries (each K/V block
+// gathered half as often) when that still leaves 8 tasks per thread, else 16.
+int64_t x_bm(const Args& a, int64_t g) {
+  if (g == 1) return 48;
+  if (g == 2) return 32;
+  const bool subset = a.n_req_list >= 0;
+  const int64_t B = subset ? a.n_req_list : a.batch;
+  int64_t tiles = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t b = subset ? a.req_list[i] : i;
+    tiles += (a.qo_indptr[b + 1] - a.qo_indptr[b] + 31) / 32;
+  }
+  return tiles * a.hkv >= 8 * nthreads_of(a) ? 32 : 16;
+}  // >= 3 vectors
+constexpr int x_mt(int nvp) { return nvp >= 4 ? 6 : nvp == 3 ? 8 : nvp == 2 ? 12 : 16; }
+
+// s[u * R + 16 v + i] = sum_j qT[j * R + 16 v + i] * kt[u * D + j] for u < MT, v < NVP.
+template <int NVP, int MT, int DC>
+inline void x_qk(const float* qT, int64_t R, const float* kt, int64_t d_rt, float* s) {
+  const int64_t D = DC ? DC : d_rt;
+  __m512 acc[MT][NVP];
+  for (int u = 0; u < MT; ++u)
+    for (int v = 0; v < NVP; ++v) acc[u][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < D; ++j) {
+    __m512 qv[NVP];
+    for (int v = 0; v < NVP; ++v) qv[v] = _mm512_loadu_ps(qT + j * R + v * L);
+    for (int u = 0; u < MT; ++u) {
+      const __m512 kb = _mm512_set1_ps(kt[u * D + j]);
+      for (int v = 0; v < NVP; ++v) acc[u][v] = _mm512_fmadd_ps(qv[v], kb, acc[u][v]);
+    }
+  }
+  for (int u = 0; u < MT; ++u)
+    for (int v = 0; v < NVP; ++v) _mm512_storeu_ps(s + u * R + v * L, acc[u][v]);
+}
+
+template <int NVP, int DC>
+inline void x_qk_block(const float* qT, int64_t R, const float* kt, int64_t d, int n, float* s) {
+  constexpr int MT = x_mt(NVP);
+  // The last group may run past n into the block's spare rows (finite values, results unused).
+  for (int t = 0; t < n; t += MT) x_qk<NVP, MT, DC>(qT, R, kt + t * d, d, s + t * R);
+}
+
+// o[i][c + 16 k] = o[i][...] * alpha[i] + sum_t s[t * R + i] * vt[t * D + c + 16 k], i < MR,
+// k < NC (o, s, alpha offset to the first row, vt to the first column).
+template <int MR, int NC>
+inline void x_pv(float* o, int64_t D, const float* s, int64_t R, const float* vt, int n,
+                 const float* alpha) {
+  __m512 acc[MR][NC];
+  for (int i = 0; i < MR; ++i) {
+    const __m512 al = _mm512_set1_ps(alpha[i]);
+    for (int k = 0; k < NC; ++k)
+      acc[i][k] = _mm512_mul_ps(_mm512_loadu_ps(o + i * D + k * L), al);
+  }
+  for (int t = 0; t < n; ++t) {
+    __m512 vv[NC];
+    for (int k = 0; k < NC; ++k) vv[k] = _mm512_loadu_ps(vt + t * D + k * L);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 p = _mm512_set1_ps(s[t * R + i]);
+      for (int k = 0; k < NC; ++k) acc[i][k] = _mm512_fmadd_ps(p, vv[k], acc[i][k]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int k = 0; k < NC; ++k) _mm512_storeu_ps(o + i * D + k * L, acc[i][k]);
+}
+
+template <int MR>
+inline void x_pv_cols(float* o, int64_t D, const float* s, int64_t R, const float* vt, int n,
+                      const float* alpha) {
+  int64_t c = 0;
+  for (; c + 4 * L <= D; c += 4 * L) x_pv<MR, 4>(o + c, D, s, R, vt + c, n, alpha);
+  switch ((D - c) / L) {
+    case 3: x_pv<MR, 3>(o + c, D, s, R, vt + c, n, alpha); break;
+    case 2: x_pv<MR, 2>(o + c, D, s, R, vt + c, n, alpha); break;
+    case 1: x_pv<MR, 1>(o + c, D, s, R, vt + c, n, alpha); break;
+    default: break;
+  }
+}
+
+// Rows r0 .. r1 of acc, 6 at a time.
+inline void x_pv_rows(float* acc, int64_t D, const float* sT, int64_t R, const float* vt, int n,
+                      const float* alpha, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 6 <= r1; r += 6) x_pv_cols<6>(acc + r * D, D, sT + r, R, vt, n, alpha + r);
+  float* o = acc + r * D;
+  switch (r1 - r) {
+    case 5: x_pv_cols<5>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 4: x_pv_cols<4>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 3: x_pv_cols<3>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 2: x_pv_cols<2>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 1: x_pv_cols<1>(o, D, sT + r, R, vt, n, alpha + r); break;
+    default: break;
+  }
+}
+
+struct AlignedFloats {
+  float* p = nullptr;
+  explicit AlignedFloats(size_t n) {
+    p = (float*)std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+    std::memset(p, 0, n * sizeof(float));
+  }
+  AlignedFloats(AlignedFloats&& o) noexcept : p(o.p) { o.p = nullptr; }
+  AlignedFloats(const AlignedFloats&) = delete;
+  ~AlignedFloats() { std::free(p); }
+};
+
+struct XWs {
+  AlignedFloats qT, sT, kt, vt, acc, m, l, alpha;
+};
+
+// Prefetches the K and V rows of head hk of up to X_BN slots idx[0 .. n).
+template <typename T>
+inline void x_prefetch_rows(const Args& a, const T* kb, const T* vb, int64_t hk, int64_t d,
+                            const int64_t* idx, int64_t n) {
+  if (n > X_BN) n = X_BN;
+  for (int64_t t = 0; t < n; ++t) {
+    const char* kp = (const char*)(kb + idx[t] * a.k_ss + hk * a.k_sh);
+    const char* vp = (const char*)(vb + idx[t] * a.v_ss + hk * a.v_sh);
+    for (int64_t off = 0; off < d * (int64_t)sizeof(T); off += 64) {
+      _mm_prefetch(kp + off, _MM_HINT_T0);
+      _mm_prefetch(vp + off, _MM_HINT_T0);
+    }
+  }
+}
+
+template <typename T, int DC>
+void x_extend_tile(const Args& a, int64_t bm, int64_t b, int64_t qt0, int64_t qt1, int64_t hk,
+                   XWs& w) {
+  const int64_t g = a.hq / a.hkv, d = DC ? DC : a.d, R = bm * g, NV = R / L;
+  const int64_t q_beg = a.qo_indptr[b], n_new = a.qo_indptr[b + 1] - q_beg;
+  const int64_t kv0 = a.kv_indptr[b], kv_len = a.kv_indptr[b + 1] - kv0;
+  const int64_t p0 = kv_len - n_new + qt0;  // position of the tile's first query
+  const int64_t nq = qt1 - qt0, kv_end = p0 + nq;  // the last query sees positions < kv_end
+  const float scale = (float)(a.sm_scale * 1.4426950408889634);
+  float *qT = w.qT.p, *sT = w.sT.p, *kt = w.kt.p, *vt = w.vt.p, *acc = w.acc.p;
+  float *m = w.m.p, *l = w.l.p, *alpha = w.alpha.p;
+  const T* kb = (const T*)a.k;
+  const T* vb = (const T*)a.v;
+  const T* qb = (const T*)a.q;
+  x_prefetch_rows(a, kb, vb, hk, d, a.kv_indices + kv0, kv_end);  // the first block
+  if (nq < bm) std::memset(qT, 0, sizeof(float) * d * R);  // rows past the tile score 0
+  alignas(64) float row[L];
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const T* src = qb + (q_beg + qt0 + qi) * a.q_sn + (hk * g + gi) * a.q_sh;
+      const int64_t r = gi * bm + qi;
+      for (int64_t j = 0; j < d; j += L) {
+        _mm512_store_ps(row, _mm512_mul_ps(ld16(src + j), _mm512_set1_ps(scale)));
+        for (int i = 0; i < L; ++i) qT[(j + i) * R + r] = row[i];
+      }
+    }
+  for (int64_t r = 0; r < R; ++r) { m[r] = -__builtin_inff(); l[r] = 0.f; }
+  std::memset(acc, 0, sizeof(float) * R * d);
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t j0 = 0; j0 < kv_end; j0 += X_BN) {
+    const int n = (int)(kv_end - j0 < X_BN ? kv_end - j0 : X_BN);
+    const int64_t* idx = a.kv_indices + kv0 + j0;
+    // Pull the next block's scattered K/V rows toward the cache while this one computes.
+    x_prefetch_rows(a, kb, vb, hk, d, idx + X_BN, kv_end - j0 - X_BN);
+    for (int t = 0; t < n; ++t) {
+      const T* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
+      const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+      for (int64_t j = 0; j < d; j += L) {
+        _mm512_store_ps(kt + t * d + j, ld16(kp + j));
+        _mm512_store_ps(vt + t * d + j, ld16(vp + j));
+      }
+    }
+    // Scores sT[t][r], vector groups of 3 or 4 (fewer at the end).
+    for (int64_t v = 0; v < NV;) {
+      const int64_t rem = NV - v;
+      const int take = (int)(rem <= 4 ? rem : rem <= 6 ? 3 : 4);
+      const float* q = qT + v * L;
+      float* s = sT + v * L;
+      switch (take) {
+        case 4: x_qk_block<4, DC>(q, R, kt, d, n, s); break;
+        case 3: x_qk_block<3, DC>(q, R, kt, d, n, s); break;
+        case 2: x_qk_block<2, DC>(q, R, kt, d, n, s); break;
+        default: x_qk_block<1, DC>(q, R, kt, d, n, s); break;
+      }
+      v += take;
+    }
+    // Causal mask and online softmax, 16 rows per vector.
+    for (int64_t v = 0; v < NV; ++v) {
+      float* s = sT + v * L;
+      const int64_t pos0 = p0 + (v * L) % bm;  // the position of the vector's first lane
+      // Token t hides lanes i < j0 + t - pos0 (whose query comes before it).
+      for (int64_t t = pos0 - j0 + 1 > 0 ? pos0 - j0 + 1 : 0; t < n; ++t) {
+        const int64_t k = j0 + t - pos0;
+        const __mmask16 hide = k >= L ? (__mmask16)0xffff : (__mmask16)((1u << k) - 1);
+        _mm512_storeu_ps(s + t * R, _mm512_mask_mov_ps(_mm512_loadu_ps(s + t * R), hide, ninf));
+      }
+      __m512 mx = _mm512_loadu_ps(s);
+      for (int t = 1; t < n; ++t) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + t * R));
+      const __m512 m_old = _mm512_loadu_ps(m + v * L);
+      const __m512 m_new = _mm512_max_ps(m_old, mx);  // finite: token 0 is seen by every row
+      _mm512_storeu_ps(alpha + v * L, exp2x(_mm512_sub_ps(m_old, m_new)));
+      _mm512_storeu_ps(m + v * L, m_new);
+      __m512 ls = _mm512_setzero_ps();
+      for (int t = 0; t < n; ++t) {
+        const __m512 p = exp2x(_mm512_sub_ps(_mm512_loadu_ps(s + t * R), m_new));
+        _mm512_storeu_ps(s + t * R, p);
+        ls = _mm512_add_ps(ls, p);
+      }
+      _mm512_storeu_ps(l + v * L, _mm512_fmadd_ps(_mm512_loadu_ps(l + v * L),
+                                                  _mm512_loadu_ps(alpha + v * L), ls));
+    }
+    // acc = acc * alpha + P @ V on the tile's real rows.
+    if (nq == bm) {
+      x_pv_rows(acc, d, sT, R, vt, n, alpha, 0, R);
+    } else {
+      for (int64_t gi = 0; gi < g; ++gi)
+        x_pv_rows(acc, d, sT, R, vt, n, alpha, gi * bm, gi * bm + nq);
+    }
+  }
+  T* ob = (T*)a.o;
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t r = gi * bm + qi;
+      const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+      T* dst = ob + (q_beg + qt0 + qi) * a.o_sn + (hk * g + gi) * a.o_sh;
+      for (int64_t j = 0; j < d; j += L) st16(dst + j, _mm512_mul_ps(ld16(acc + r * d + j), inv));
+    }
+}
+
+template <typename T, int DC>
+int64_t x_extend_impl(const Args& a) {
+  const int64_t g = a.hq / a.hkv, d = a.d, bm = x_bm(a, g), R = bm * g;
+  auto init = [&] {
+    return XWs{AlignedFloats((size_t)(d * R)), AlignedFloats((size_t)((X_BN + X_PAD) * R)),
+               AlignedFloats((size_t)((X_BN + X_PAD) * d)), AlignedFloats((size_t)(X_BN * d)),
+               AlignedFloats((size_t)(R * d)), AlignedFloats((size_t)R),
+               AlignedFloats((size_t)R), AlignedFloats((size_t)R)};
+  };
+  for_each_tile(a, bm, X_BN, init, [&](XWs& w, int64_t b, int64_t qt0, int64_t qt1, int64_t hk) {
+    x_extend_tile<T, DC>(a, bm, b, qt0, qt1, hk, w);
+  });
+  return OK;
+}
+#endif  // __AVX512F__
+
+template <typename T, typename KT, int DV>
+int64_t extend_impl(const Args& a) {
+#ifdef __AVX512F__
+  if (std::is_same<T, KT>::value && a.d % L == 0 && avx512_enabled())
+    return x_extend_impl<T, DV * W>(a);
+#endif
+  return extend_impl8<T, KT, DV>(a);
 }
 
 template <int64_t (*F8)(const Args&), int64_t (*F16)(const Args&), int64_t (*F0)(const Args&)>
