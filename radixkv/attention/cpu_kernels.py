@@ -47,10 +47,21 @@ _NO_SCALES = (0, 0, 0, 0, 0, 0)
 _vector_width = 8  # floats per vector in the built kernels (read once they load)
 
 
+_wide = False  # the 16-wide AVX-512 kernels are built and enabled
+
+
 def _read_width(lib: ctypes.CDLL) -> None:
-    global _vector_width
+    global _vector_width, _wide
     lib.rkv_vector_width.restype = ctypes.c_int64
     _vector_width = int(lib.rkv_vector_width())
+    lib.rkv_wide_kernels.restype = ctypes.c_int64
+    _wide = bool(lib.rkv_wide_kernels())
+
+
+def wide(head_dim: int) -> bool:
+    """Whether float K/V of this head_dim run on the 16-wide AVX-512 kernels (built here and
+    not turned off with RADIXKV_CPU_AVX512=0)."""
+    return available() and _wide and head_dim % 16 == 0
 
 
 _LIB = LazyLibrary(_SRC, what="the CPU attention kernels", fallback="using torch attention on CPU",

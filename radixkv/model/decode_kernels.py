@@ -29,7 +29,7 @@ import torch
 
 from radixkv.attention import cpu_kernels
 from radixkv.errors import InvalidSlotError
-from radixkv.model import quant_kernels
+from radixkv.model import quant_kernels, swiglu_kernels
 from radixkv.model.quant import QuantLinear, QuantTensor
 from radixkv.native_build import RECORD, LazyLibrary
 
@@ -50,7 +50,7 @@ _CODE = {torch.float32: 0, torch.bfloat16: 1}
 _LIN = "8q"  # struct Lin: weight, bias, O, K, kind, fmt, qs, scales
 _TILES, _QGEMM = 0, 1  # Lin.kind
 _LAYER = struct.Struct("<" + _LIN * 4 + "4q")  # struct Layer
-_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 3q")  # struct Step
+_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 4q")  # struct Step
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -122,7 +122,8 @@ class DecodeStep:
         row kernel), and the step and the fused attention kernels built for this CPU."""
         dtype = model.norm.weight.dtype
         if (model.norm.weight.device.type != "cpu" or not available(dtype)
-                or not cpu_kernels.available() or cpu_kernels.decode_function() == 0):
+                or not cpu_kernels.available() or cpu_kernels.decode_function() == 0
+                or swiglu_kernels.function() == 0):
             return None
         checked: dict[tuple[int, int], bool] = {}
         keep: list[torch.Tensor] = []  # float32 biases of quantized layers, kept alive
@@ -223,7 +224,7 @@ class DecodeStep:
             pool.k_buffers[0].shape[0], indptr.data_ptr(), indices.data_ptr(),
             indices.shape[0], self.model.norm.weight.data_ptr(), *self._head,
             logits.data_ptr(), self.eps, self.sm_scale, torch.get_num_threads(), self._attn,
-            quant_kernels.qgemm_function())
+            quant_kernels.qgemm_function(), swiglu_kernels.function())
         code = self._lib.rkv_decode_step(args)
         if code in (2, 3):
             raise InvalidSlotError("decode step: "

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixkv.model import linear_kernels, norm_kernels
+from radixkv.model import linear_kernels, norm_kernels, swiglu_kernels
 from radixkv.model.config import ModelConfig, rope_inv_freq
 
 
@@ -190,7 +190,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one [2 * I, H] matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one [2 * I, H] matmul. CPU
+    float32 / bfloat16 rows take the one-pass kernel of `swiglu_kernels` when it builds
+    (`fused = False`: torch's silu_ and mul_, the reference)."""
+
+    fused: bool = True
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -200,6 +204,8 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, H]
         gate_up = self.gate_up_proj(x)  # [N, 2I]
+        if self.fused and swiglu_kernels.supports(gate_up):
+            return self.down_proj(swiglu_kernels.swiglu(gate_up))  # [N, I] contiguous
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         # In place: gate_up is a temporary of this call (inference only, no autograd).
         act = F.silu(gate, inplace=True).mul_(up)  # [N, I], a strided view of gate_up

@@ -1324,6 +1324,15 @@ extern "C" {
 // Returns the vector width in floats the kernels assume: head_dim must be a multiple of it.
 int64_t rkv_vector_width() { return W; }
 
+// 1 when the 16-wide AVX-512 kernels are built and enabled (head_dim % 16 == 0, float K/V).
+int64_t rkv_wide_kernels() {
+#ifdef __AVX512F__
+  return avx512_enabled() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 int64_t rkv_decode(int64_t dtype, const Args* a) {
   const int64_t st = check_csr(*a);
   if (st != OK) return st;

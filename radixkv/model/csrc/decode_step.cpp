@@ -26,7 +26,7 @@
 //
 // Attention runs on the fused CPU decode kernel of radixkv/attention (rkv_decode, passed in
 // as a function pointer with its `struct Args`), outside this file's parallel regions so it
-// gets the OpenMP threads itself.
+// gets the OpenMP threads itself; SwiGLU on radixkv/model/csrc/swiglu.cpp's kernel likewise.
 
 #include <cmath>
 #include <cstdint>
@@ -92,6 +92,7 @@ struct Step {
   int64_t nthreads;
   int64_t (*attn)(int64_t, const void*);  // rkv_decode of paged_attention.cpp
   QGemm qgemm;                            // rkv_qgemm, when a weight is QGEMM (else null)
+  int64_t (*swiglu)(const void*);         // rkv_swiglu of swiglu.cpp
 };
 
 // `struct Args` of radixkv/attention/csrc/paged_attention.cpp (rkv_decode's input).
@@ -360,37 +361,13 @@ void rope_store(const Step& s, const Layer& L, T* qkv, int64_t qkv_s) {
   }
 }
 
-// e^x for float32 with ~1 ulp error: x = n ln2 + r, |r| <= ln2 / 2, degree-7 Taylor of e^r.
-inline float expf_acc(float x) {
-  if (x < -103.f) return 0.f;
-  if (x > 88.7f) return __builtin_inff();
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  return std::ldexp(p, (int)n);
-}
-
-// act[m, j] = T(T(silu(g)) * u) with g, u the two halves of the gate_up row, as torch's
-// in-place silu_ then mul_.
-template <typename T>
-void silu_mul(const T* gu, T* act, int64_t M, int64_t I) {
-  for (int64_t m = 0; m < M; ++m) {
-    const T* g = gu + m * 2 * I;
-    const T* u = g + I;
-    for (int64_t j = 0; j < I; ++j) {
-      const float gv = ld(g, j);
-      const float sv = rnd<T>(gv / (1.f + expf_acc(-gv)));
-      st(act + m * I, j, sv * ld(u, j));
-    }
-  }
-}
+// `struct Args` of radixkv/model/csrc/swiglu.cpp (rkv_swiglu's input).
+struct SwigluArgs {
+  int64_t N, I, dtype;
+  const void* gu; int64_t gu_s;
+  void* out; int64_t out_s;
+  int64_t threads;
+};
 
 template <typename T>
 int64_t step(const Step& s) {
@@ -422,6 +399,8 @@ int64_t step(const Step& s) {
   aa.kv_indptr = s.kv_indptr; aa.kv_indices = s.kv_indices; aa.qo_indptr = qo.data();
   aa.req_list = nullptr; aa.n_req_list = -1;
   aa.sm_scale = s.sm_scale; aa.nthreads = nt;
+  // silu(gate) * up, torch's rounding: the vectorised kernel of swiglu.cpp, on this thread.
+  const SwigluArgs sw{M, I, s.dtype, gu.data(), 2 * I, act.data(), I, 1};
   float* pp = part.data();
   float* xb = x32.data();
   float* yb = y32.data();
@@ -440,7 +419,7 @@ int64_t step(const Step& s) {
     rms_norm<T>(x, (const T*)L.norm2, h.data(), M, H, eps);
     rc = run_product<T>(s, L.gate_up, h.data(), H, gu.data(), 2 * I, STORE, pp, xb, yb);
     if (rc) break;
-    silu_mul<T>(gu.data(), act.data(), M, I);
+    s.swiglu(&sw);
     rc = run_product<T>(s, L.down, act.data(), I, x, H, RESIDUAL, pp, xb, yb);
   }
   if (rc) return rc;
@@ -474,7 +453,7 @@ int64_t rkv_step_supported(int64_t dtype) {
 // Runs the step. Every slot and index is checked before anything is written (0 = ok).
 int64_t rkv_decode_step(const Step* sp) {
   const Step& s = *sp;
-  if (!rkv_step_supported(s.dtype) || !s.attn) return NO_KERNEL;
+  if (!rkv_step_supported(s.dtype) || !s.attn || !s.swiglu) return NO_KERNEL;
   if (s.M < 1 || s.M > 4 || s.hkv < 1 || s.hq % s.hkv || s.d % 2) return BAD_SHAPE;
   const int64_t qkv_w = (s.hq + 2 * s.hkv) * s.d;
   for (int64_t l = 0; l < s.n_layers; ++l) {
