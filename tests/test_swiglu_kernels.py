@@ -33,7 +33,8 @@ def test_matches_torch(dtype: torch.dtype, n: int, i: int) -> None:
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=2e-6)
     else:  # one bf16 rounding step apart at most
         torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
-        assert (out != ref).float().mean().item() < 0.02
+        if out.numel() >= 1000:  # rarely off by that step (the exponentials round differently)
+            assert (out != ref).float().mean().item() < 0.02
 
 
 @needs_kernel
