@@ -183,17 +183,23 @@ def test_other_batches_take_the_layered_path() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 64), (192, 128), (128, 576)])
+@pytest.mark.parametrize("shape", [(64, 64), (192, 128), (128, 576), (960, 576)])
 def test_packed_layout_is_the_documented_tiling(dtype: torch.dtype,
                                                 shape: tuple[int, int]) -> None:
-    """The bytes the step reads are `tiles_of(weight)`, checked on random values (the model's
-    build runs the same check once per weight shape)."""
+    """`layout_matches` says exactly whether the bytes oneDNN packed are `tiles_of(weight)`
+    (checked here on random values, independently of the function). The 64-output tiling is
+    what oneDNN picks for the shapes of SmolLM2 on AVX-512 and AVX2; for some other shapes it
+    may block differently (on AVX2, O = 192 gets 16-output blocks), and then the check must
+    say no so that the model keeps the layered forward."""
     needs_step(dtype)
     w = torch.randn(shape).to(dtype)
     packed = onednn_pack(w)
-    assert decode_kernels.layout_matches(packed, shape, dtype)
     raw = decode_kernels._raw(packed, dtype)
-    assert torch.equal(raw.view(decode_kernels.tiles_of(w).shape), decode_kernels.tiles_of(w))
+    want = decode_kernels.tiles_of(w)
+    tiled = raw.numel() == want.numel() and torch.equal(raw.view(want.shape), want)
+    assert decode_kernels.layout_matches(packed, shape, dtype) == tiled
+    if shape != (192, 128):
+        assert tiled
     assert not decode_kernels.layout_matches(packed, (shape[0], shape[1] + 64), dtype)
 
 

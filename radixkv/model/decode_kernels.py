@@ -54,8 +54,8 @@ _STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 4q")  # struct Step
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether the step is built here for `dtype` (float32 needs AVX-512; bfloat16 also
-    AVX512-BF16)."""
+    """Whether the step is built here for `dtype` (float32 needs AVX-512 or AVX2 + FMA;
+    bfloat16 AVX512-BF16)."""
     lib = _LIB.get()
     return lib is not None and dtype in _CODE and bool(lib.rkv_step_supported(_CODE[dtype]))
 

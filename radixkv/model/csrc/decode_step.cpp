@@ -8,13 +8,15 @@
 // bound by reading the weights once. Here a product streams its weight from oneDNN's own
 // prepacked buffer (no second copy of the weights) and the rest is a few microseconds a layer.
 //
-// Weight layouts (oneDNN's blocked formats for inner products on AVX-512, which
+// Weight layouts (oneDNN's blocked formats for inner products, the same 64-output blocks on
+// AVX-512 and, for float32, on AVX2 (checked on an AVX2-only EPYC as well), which
 // radixkv/model/decode_kernels.py verifies byte for byte against the dense weight at load,
 // disabling this path if they differ): a weight [O, K] (O, K multiples of 64) is a grid of
 // 64 x 64 tiles, output block ob major, then input block kb, each tile contiguous:
 //   float32:  tile[k % 64][o % 64]                       (4096 floats)
 //   bfloat16: tile[(k % 64) / 2][o % 64][k % 2]          (VNNI pairs, for vdpbf16ps)
-// so a product reads each tile once, streaming, 64 outputs in four 16-float accumulators.
+// so a product reads each tile once, streaming, 64 outputs in four 16-float accumulators
+// (AVX2: in chunks of 8-float accumulators, see tiles_f32).
 //
 // Rounding mirrors the layered path (radixkv/model/layers.py, rms_norm.cpp, rope.cpp): every
 // op's result is rounded to the model dtype where torch would round it; sums run in float32.
@@ -39,6 +41,11 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define RKV_STEP 1
+#define RKV_WIDE 1  // float32 products on 16-float vectors
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RKV_STEP 1
+#define RKV_WIDE 0  // float32 products on 8-float vectors (16 registers: see tiles_f32)
 #else
 #define RKV_STEP 0
 #endif
@@ -137,6 +144,7 @@ int nthreads_of(const Step& s) { return s.nthreads > 0 ? (int)s.nthreads : 1; }
 // once. Sums over a thread's tiles of an output block go to that thread's partial buffer
 // part[t][M][O] (fp32); an output block split between threads is summed in the epilogue.
 
+#if RKV_WIDE
 template <int MR>
 void tiles_f32(const Lin& L, const float* x /* [M, K] */, int64_t x_s, int64_t b0, int64_t b1,
                float* part /* [M, O] */) {
@@ -168,6 +176,46 @@ void tiles_f32(const Lin& L, const float* x /* [M, K] */, int64_t x_s, int64_t b
       for (int u = 0; u < 4; ++u) _mm512_storeu_ps(part + m * L.O + ob * 64 + u * 16, acc[m][u]);
   }
 }
+#else
+// AVX2 has 16 vector registers, so a tile's 64 outputs are taken NV * 8 at a time (MR * NV
+// accumulators, NV weight vectors, one broadcast: <= 14 registers): the tile's rows are then
+// read in 8 / NV passes of NV * 32 contiguous bytes each, which the prefetcher streams as
+// well as one pass (the tile, 16 KiB, stays in L1 between passes).
+template <int MR, int NV>
+void tiles_f32(const Lin& L, const float* x /* [M, K] */, int64_t x_s, int64_t b0, int64_t b1,
+               float* part /* [M, O] */) {
+  static_assert(MR * NV <= 8 && 8 % NV == 0, "register budget");
+  const int64_t nkb = L.K / 64;
+  const float* W = (const float*)L.w;
+  int64_t b = b0;
+  while (b < b1) {
+    const int64_t ob = b / nkb;
+    const int64_t bstart = b;
+    const int64_t bend = (ob + 1) * nkb < b1 ? (ob + 1) * nkb : b1;
+    for (int c = 0; c < 64; c += NV * 8) {  // output chunk [c, c + 8 NV) of the block
+      __m256 acc[MR][NV];
+      for (int m = 0; m < MR; ++m)
+        for (int u = 0; u < NV; ++u) acc[m][u] = _mm256_setzero_ps();
+      for (int64_t bb = bstart; bb < bend; ++bb) {
+        const float* t = W + bb * 4096 + c;
+        const float* xk = x + (bb % nkb) * 64;
+        for (int k = 0; k < 64; ++k) {
+          __m256 w[NV];
+          for (int u = 0; u < NV; ++u) w[u] = _mm256_loadu_ps(t + k * 64 + u * 8);
+          for (int m = 0; m < MR; ++m) {
+            const __m256 xv = _mm256_broadcast_ss(xk + m * x_s + k);
+            for (int u = 0; u < NV; ++u) acc[m][u] = _mm256_fmadd_ps(xv, w[u], acc[m][u]);
+          }
+        }
+      }
+      for (int m = 0; m < MR; ++m)
+        for (int u = 0; u < NV; ++u)
+          _mm256_storeu_ps(part + m * L.O + ob * 64 + c + u * 8, acc[m][u]);
+    }
+    b = bend;
+  }
+}
+#endif
 
 #if defined(__AVX512BF16__)
 template <int MR>
@@ -213,12 +261,21 @@ void tiles(const Lin& L, int64_t M, const T* x, int64_t x_s, int64_t b0, int64_t
 template <>
 void tiles<float>(const Lin& L, int64_t M, const float* x, int64_t x_s, int64_t b0, int64_t b1,
                   float* part) {
+#if RKV_WIDE
   switch (M) {
     case 1: tiles_f32<1>(L, x, x_s, b0, b1, part); break;
     case 2: tiles_f32<2>(L, x, x_s, b0, b1, part); break;
     case 3: tiles_f32<3>(L, x, x_s, b0, b1, part); break;
     default: tiles_f32<4>(L, x, x_s, b0, b1, part); break;
   }
+#else
+  switch (M) {
+    case 1: tiles_f32<1, 8>(L, x, x_s, b0, b1, part); break;
+    case 2: tiles_f32<2, 4>(L, x, x_s, b0, b1, part); break;
+    case 3: tiles_f32<3, 2>(L, x, x_s, b0, b1, part); break;
+    default: tiles_f32<4, 2>(L, x, x_s, b0, b1, part); break;
+  }
+#endif
 }
 
 template <>
@@ -438,7 +495,7 @@ bool lin_ok(const Step& s, const Lin& L, int64_t O, int64_t K) {
 
 extern "C" {
 
-// 1 when this build has the step (AVX-512; bfloat16 also needs AVX512-BF16), else 0.
+// 1 when this build has the step (float32: AVX-512 or AVX2 + FMA; bfloat16: AVX512-BF16).
 int64_t rkv_step_supported(int64_t dtype) {
 #if RKV_STEP
   if (dtype == F32) return 1;
