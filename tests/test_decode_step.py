@@ -9,15 +9,15 @@ import torch
 from radixkv.errors import InvalidSlotError
 from radixkv.memory import TokenToKVPool
 from radixkv.model import build_forward_context, decode_kernels, forward_context, rope_kernels
-from radixkv.model.layers import onednn_available, onednn_pack
+from radixkv.model.layers import native_half_matmul, onednn_available, onednn_pack
 from radixkv.model.llama import build_model
 from tests.model_fixtures import tiny_radixkv_config
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def needs_step(dtype: torch.dtype) -> None:
-    if not onednn_available() or not decode_kernels.available(dtype):
+def needs_step(dtype: torch.dtype, tiles: bool = False) -> None:
+    if not onednn_available() or not decode_kernels.available(dtype, tiles=tiles):
         pytest.skip(f"no compiled decode step for {dtype} on this CPU")
 
 
@@ -118,6 +118,29 @@ def test_step_equals_layered_forward(dtype: torch.dtype, bias: bool, tied: bool,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_weights_step_equals_layered_forward(monkeypatch, dtype: torch.dtype) -> None:
+    """Without oneDNN packing the step multiplies the dense weights on the skinny kernel
+    (linear_kernels): what bfloat16 models use on CPUs without native bf16 GEMMs."""
+    needs_step(dtype)
+    monkeypatch.setenv("RADIXKV_ONEDNN", "0")
+    cfg, model = random_model(dtype, bias=True, seed=11)
+    if model.decode_step is None:  # bf16 with native GEMMs: no skinny kernel, layered path
+        assert dtype == torch.bfloat16 and native_half_matmul(dtype)
+        return
+    assert model.decode_step.kinds == {"dense"}, model.cpu_kernel
+    pool = TokenToKVPool(2048, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+    cached = prefill(model, pool, [70, 131, 5])
+    ids = torch.tensor([3, 200, 17])
+    fast, ref, kv_fast, kv_ref = both_paths(model, pool, cached, ids)
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max().item()
+    assert (fast - ref).abs().max().item() <= tol
+    assert (fast.argmax(-1) == ref.argmax(-1)).all()
+    for (kf, vf), (kr, vr) in zip(kv_fast, kv_ref, strict=True):
+        assert (kf.float() - kr.float()).abs().max().item() <= max(tol, 1e-5)
+        assert (vf.float() - vr.float()).abs().max().item() <= max(tol, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_greedy_decode_equal_over_many_steps(dtype: torch.dtype) -> None:
     """Ten greedy steps through the step pick the tokens the layered forward picks."""
     needs_step(dtype)
@@ -191,7 +214,7 @@ def test_packed_layout_is_the_documented_tiling(dtype: torch.dtype,
     what oneDNN picks for the shapes of SmolLM2 on AVX-512 and AVX2; for some other shapes it
     may block differently (on AVX2, O = 192 gets 16-output blocks), and then the check must
     say no so that the model keeps the layered forward."""
-    needs_step(dtype)
+    needs_step(dtype, tiles=True)
     w = torch.randn(shape).to(dtype)
     packed = onednn_pack(w)
     raw = decode_kernels._raw(packed, dtype)

@@ -9,7 +9,11 @@ them from Python, with oneDNN's ~12 us fixed cost per prepacked linear call, too
 15-18 ms float32 step (measured on a 2-core Zen 5, SmolLM2-135M). The compiled step reads each
 weight from oneDNN's own prepacked buffer (`torch.ops.mkldnn.data_ptr`), so there is no second
 copy of the weights, and does the rest (norms, rotary, K/V store, SwiGLU, residuals) in a few
-microseconds a layer; attention is the fused decode kernel of `radixkv.attention`.
+microseconds a layer; attention is the fused decode kernel of `radixkv.attention`. Quantized
+layers run on `quant_kernels`' packed row kernel and dense weights (bfloat16 on CPUs without
+native bf16 GEMMs, where nothing is packed) on `linear_kernels`' skinny kernel, both called from
+inside the step. On a 2-core AVX2-only EPYC the float32 step took a batch-1 decode from 81 to
+34 ms, the weight-bandwidth limit there.
 
 oneDNN's blocked layout is not a public contract, so `build` checks it byte for byte for every
 distinct weight shape against the dense weight (64 x 64 tiles: float32 [k][o], bfloat16 VNNI
@@ -29,7 +33,7 @@ import torch
 
 from radixkv.attention import cpu_kernels
 from radixkv.errors import InvalidSlotError
-from radixkv.model import quant_kernels, swiglu_kernels
+from radixkv.model import linear_kernels, quant_kernels, swiglu_kernels
 from radixkv.model.quant import QuantLinear, QuantTensor
 from radixkv.native_build import RECORD, LazyLibrary
 
@@ -42,22 +46,25 @@ _SRC = Path(__file__).with_name("csrc") / "decode_step.cpp"
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),)
 _LIB = LazyLibrary(_SRC, what="the CPU decode step", fallback="using the layered forward",
                    switch="RADIXKV_DECODE_STEP",
-                   signatures={"rkv_decode_step": RECORD, "rkv_step_supported": (ctypes.c_int64,)},
+                   signatures={"rkv_decode_step": RECORD,
+                               "rkv_step_supported": (ctypes.c_int64, ctypes.c_int64)},
                    flag_sets=_FLAG_SETS)
 
 MAX_ROWS = 4  # rows (requests) per step the kernel handles; more go to the layered forward
 _CODE = {torch.float32: 0, torch.bfloat16: 1}
 _LIN = "8q"  # struct Lin: weight, bias, O, K, kind, fmt, qs, scales
-_TILES, _QGEMM = 0, 1  # Lin.kind
+_TILES, _QGEMM, _DENSE = 0, 1, 2  # Lin.kind
+_KIND_NAMES = {_TILES: "oneDNN-packed", _QGEMM: "low-bit packed", _DENSE: "dense"}
 _LAYER = struct.Struct("<" + _LIN * 4 + "4q")  # struct Layer
-_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 4q")  # struct Step
+_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 5q")  # struct Step
 
 
-def available(dtype: torch.dtype) -> bool:
-    """Whether the step is built here for `dtype` (float32 needs AVX-512 or AVX2 + FMA;
-    bfloat16 AVX512-BF16)."""
+def available(dtype: torch.dtype, tiles: bool = False) -> bool:
+    """Whether the step is built here for `dtype` (AVX-512 or AVX2 + FMA), and with `tiles`
+    whether it also reads oneDNN-packed weights of that dtype (bfloat16: AVX512-BF16)."""
     lib = _LIB.get()
-    return lib is not None and dtype in _CODE and bool(lib.rkv_step_supported(_CODE[dtype]))
+    return (lib is not None and dtype in _CODE
+            and bool(lib.rkv_step_supported(_CODE[dtype], int(tiles))))
 
 
 def _raw(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -113,13 +120,16 @@ class DecodeStep:
         self._lib = lib
         self._attn = cpu_kernels.decode_function()
         self._keep: list[torch.Tensor] = []
+        self.kinds: set[str] = set()  # how its products read weights (see `_KIND_NAMES`)
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> DecodeStep | None:
         """The step for `model`, or None unless: CPU float32 / bfloat16 weights, every linear
         (and the LM head) either oneDNN-packed in the layout checked here with shapes multiples
         of 64, or a QuantLinear of one packed segment (int4 / int8, run by quant_kernels'
-        row kernel), and the step and the fused attention kernels built for this CPU."""
+        row kernel), or dense in the model dtype (run by linear_kernels' skinny kernel: what
+        bfloat16 keeps on CPUs without native bf16 GEMMs), and the step and the fused attention
+        kernels built for this CPU."""
         dtype = model.norm.weight.dtype
         if (model.norm.weight.device.type != "cpu" or not available(dtype)
                 or not cpu_kernels.available() or cpu_kernels.decode_function() == 0
@@ -133,7 +143,7 @@ class DecodeStep:
             if w is None or (bias is not None and bias.dtype != dtype):
                 return None
             if shape not in checked:
-                checked[shape] = layout_matches(w, shape, dtype)
+                checked[shape] = available(dtype, tiles=True) and layout_matches(w, shape, dtype)
             if not checked[shape]:
                 return None
             return (int(torch.ops.mkldnn.data_ptr(w)), 0 if bias is None else bias.data_ptr(),
@@ -152,10 +162,20 @@ class DecodeStep:
             return (0, bias, m.out_features, m.in_features, _QGEMM,
                     quant_kernels.FORMATS[seg.fmt], seg.qs.data_ptr(), seg.scales.data_ptr())
 
+        def dense(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, ...] | None:
+            if (w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
+                    or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
+                    or linear_kernels.function() == 0):
+                return None
+            return (w.data_ptr(), 0 if bias is None else bias.data_ptr(), w.shape[0],
+                    w.shape[1], _DENSE, 0, 0, 0)
+
         def lin(m: torch.nn.Module) -> tuple[int, ...] | None:
             if isinstance(m, QuantLinear):
                 return quant(m)
-            return packed(getattr(m, "packed", None), m.bias, (m.out_features, m.in_features))
+            if getattr(m, "packed", None) is None:
+                return dense(m.weight, m.bias)
+            return packed(m.packed, m.bias, (m.out_features, m.in_features))
 
         lins: list[tuple[int, ...]] = []
         norms: list[tuple[int, int]] = []
@@ -173,12 +193,16 @@ class DecodeStep:
         c = model.config
         if model.quant_head is not None:
             head = quant(model.quant_head)
-        else:
+        elif model.lm_head_packed is not None:
             head = packed(model.lm_head_packed, None, (c.vocab_size, c.hidden_size))
+        else:
+            head = dense(model.embed_tokens.weight if model.lm_head is None
+                         else model.lm_head.weight, None)
         if head is None:
             return None
         step = cls(model, lins, norms, head)
         step._keep = keep
+        step.kinds = {_KIND_NAMES[f[4]] for f in (*lins, head)}
         return step
 
     def accepts(self, ctx: ForwardContext, x: torch.Tensor) -> bool:
@@ -224,7 +248,8 @@ class DecodeStep:
             pool.k_buffers[0].shape[0], indptr.data_ptr(), indices.data_ptr(),
             indices.shape[0], self.model.norm.weight.data_ptr(), *self._head,
             logits.data_ptr(), self.eps, self.sm_scale, torch.get_num_threads(), self._attn,
-            quant_kernels.qgemm_function(), swiglu_kernels.function())
+            quant_kernels.qgemm_function(), swiglu_kernels.function(),
+            linear_kernels.function())
         code = self._lib.rkv_decode_step(args)
         if code in (2, 3):
             raise InvalidSlotError("decode step: "

@@ -24,7 +24,10 @@
 // products use explicit FMA / dot-product instructions).
 //
 // Group-quantized weights (LLM(quantization=...)) run on the packed low-bit kernel of
-// radixkv/model/csrc/qgemv.cpp (rkv_qgemm, passed in as a function pointer) instead.
+// radixkv/model/csrc/qgemv.cpp (rkv_qgemm, passed in as a function pointer) instead, and
+// dense (unpacked) weights, which is what bfloat16 models keep on CPUs without native bf16
+// GEMMs, on the skinny kernel of radixkv/model/csrc/linear.cpp (rkv_linear, likewise): it
+// widens bf16 in registers, so such a step reads half the bytes of a float32 one.
 //
 // Attention runs on the fused CPU decode kernel of radixkv/attention (rkv_decode, passed in
 // as a function pointer with its `struct Args`), outside this file's parallel regions so it
@@ -56,13 +59,14 @@ enum DType : int64_t { F32 = 0, BF16 = 1 };
 enum Status : int64_t { OK = 0, BAD_DTYPE = 1, BAD_SLOT = 2, BAD_INDPTR = 3, BAD_SHAPE = 4,
                         NO_KERNEL = 5 };
 
-enum Kind : int64_t { TILES = 0, QGEMM = 1 };
+enum Kind : int64_t { TILES = 0, QGEMM = 1, DENSE = 2 };
 
 struct Lin {
-  const void* w;     // TILES: packed tiles (see the header)
-  const void* bias;  // [O] (TILES: model dtype; QGEMM: float32), or null
+  const void* w;     // TILES: packed tiles (see the header); DENSE: [O, K] row-major
+  const void* bias;  // [O] (TILES, DENSE: model dtype; QGEMM: float32), or null
   int64_t O, K;
-  int64_t kind;      // TILES, or QGEMM: a group-quantized weight run by rkv_qgemm (qgemv.cpp)
+  int64_t kind;      // TILES; QGEMM: a group-quantized weight run by rkv_qgemm (qgemv.cpp);
+                     // DENSE: a model-dtype weight run by rkv_linear (linear.cpp)
   int64_t fmt;       // QGEMM: the packed format code (int4 0, int8 1)
   const void* qs;    // QGEMM: codes and scales as qgemv.cpp lays them out
   const void* scales;
@@ -100,6 +104,17 @@ struct Step {
   int64_t (*attn)(int64_t, const void*);  // rkv_decode of paged_attention.cpp
   QGemm qgemm;                            // rkv_qgemm, when a weight is QGEMM (else null)
   int64_t (*swiglu)(const void*);         // rkv_swiglu of swiglu.cpp
+  int64_t (*linear)(const void*);         // rkv_linear of linear.cpp, when a weight is DENSE
+};
+
+// `struct Args` of radixkv/model/csrc/linear.cpp (rkv_linear's input; pointers as integers).
+struct LinearArgs {
+  int64_t M, N, K, x_dtype, w_dtype;
+  const void* x; int64_t x_s;
+  const void* w; int64_t w_s;
+  const void* bias;
+  void* y; int64_t y_s;
+  int64_t threads;
 };
 
 // `struct Args` of radixkv/attention/csrc/paged_attention.cpp (rkv_decode's input).
@@ -352,6 +367,28 @@ int64_t run_product(const Step& s, const Lin& L, const T* x, int64_t x_s, void* 
     product<T>(L, M, x, x_s, out, out_s, ep, part);
     return OK;
   }
+  if (L.kind == DENSE) {
+    // rkv_linear rounds acc + bias to the model dtype, as torch's product does; a residual or
+    // the logits go through y32's bytes (room for M x O floats, so for M x O of T too).
+    T* tmp = (T*)y32;
+    const bool direct = ep == STORE;
+    const LinearArgs la{M, L.O, L.K, s.dtype, s.dtype, x, x_s, L.w, L.K, L.bias,
+                        direct ? out : tmp, direct ? out_s : L.O, nthreads_of(s)};
+    const int64_t code = s.linear(&la);
+    if (code) return 300 + code;
+    if (direct) return OK;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* y = tmp + m * L.O;
+      if (ep == LOGITS) {
+        float* o = (float*)out + m * out_s;
+        for (int64_t j = 0; j < L.O; ++j) o[j] = ld(y, j);
+        continue;
+      }
+      T* o = (T*)out + m * out_s;
+      for (int64_t j = 0; j < L.O; ++j) st(o, j, ld(o, j) + ld(y, j));
+    }
+    return OK;
+  }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < L.K; ++k) x32[m * L.K + k] = ld(x + m * x_s, k);
   const int64_t code = s.qgemm(L.fmt, M, L.O, L.K, x32, L.K, L.qs, L.scales,
@@ -485,9 +522,19 @@ int64_t step(const Step& s) {
 }
 #endif  // RKV_STEP
 
+// Whether this build multiplies packed tiles of `dtype` (bfloat16 tiles need vdpbf16ps).
+bool tiles_built(int64_t dtype) {
+#if defined(__AVX512BF16__)
+  return dtype == F32 || dtype == BF16;
+#else
+  return dtype == F32;
+#endif
+}
+
 bool lin_ok(const Step& s, const Lin& L, int64_t O, int64_t K) {
   if (L.O != O || L.K != K) return false;
-  if (L.kind == TILES) return L.w && O % 64 == 0 && K % 64 == 0;
+  if (L.kind == TILES) return L.w && O % 64 == 0 && K % 64 == 0 && tiles_built(s.dtype);
+  if (L.kind == DENSE) return L.w && s.linear;
   return L.kind == QGEMM && s.qgemm && L.qs && L.scales;
 }
 
@@ -495,22 +542,22 @@ bool lin_ok(const Step& s, const Lin& L, int64_t O, int64_t K) {
 
 extern "C" {
 
-// 1 when this build has the step (float32: AVX-512 or AVX2 + FMA; bfloat16: AVX512-BF16).
-int64_t rkv_step_supported(int64_t dtype) {
+// 1 when this build has the step for `dtype` (AVX-512 or AVX2 + FMA), else 0; with `tiles`,
+// whether it also multiplies packed tiles of that dtype (bfloat16: AVX512-BF16 only).
+int64_t rkv_step_supported(int64_t dtype, int64_t tiles) {
 #if RKV_STEP
-  if (dtype == F32) return 1;
-#if defined(__AVX512BF16__)
-  if (dtype == BF16) return 1;
-#endif
-#endif
-  (void)dtype;
+  if (dtype != F32 && dtype != BF16) return 0;
+  return tiles ? (int64_t)tiles_built(dtype) : 1;
+#else
+  (void)dtype; (void)tiles;
   return 0;
+#endif
 }
 
 // Runs the step. Every slot and index is checked before anything is written (0 = ok).
 int64_t rkv_decode_step(const Step* sp) {
   const Step& s = *sp;
-  if (!rkv_step_supported(s.dtype) || !s.attn || !s.swiglu) return NO_KERNEL;
+  if (!rkv_step_supported(s.dtype, 0) || !s.attn || !s.swiglu) return NO_KERNEL;
   if (s.M < 1 || s.M > 4 || s.hkv < 1 || s.hq % s.hkv || s.d % 2) return BAD_SHAPE;
   const int64_t qkv_w = (s.hq + 2 * s.hkv) * s.d;
   for (int64_t l = 0; l < s.n_layers; ++l) {
