@@ -9,7 +9,7 @@ import torch
 from radixkv.errors import InvalidSlotError
 from radixkv.memory import TokenToKVPool
 from radixkv.model import build_forward_context, decode_kernels, forward_context, rope_kernels
-from radixkv.model.layers import native_half_matmul, onednn_available, onednn_pack
+from radixkv.model.layers import onednn_available, onednn_pack
 from radixkv.model.llama import build_model
 from tests.model_fixtures import tiny_radixkv_config
 
@@ -118,19 +118,18 @@ def test_step_equals_layered_forward(dtype: torch.dtype, bias: bool, tied: bool,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dense_weights_step_equals_layered_forward(monkeypatch, dtype: torch.dtype) -> None:
-    """Without oneDNN packing the step multiplies the dense weights on the skinny kernel
-    (linear_kernels): what bfloat16 models use on CPUs without native bf16 GEMMs."""
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_dense_weights_step_equals_layered_forward(monkeypatch, dtype: torch.dtype,
+                                                   batch: int) -> None:
+    """Without oneDNN packing the step multiplies the dense weights on its own row kernel:
+    what bfloat16 models use on CPUs without native bf16 GEMMs."""
     needs_step(dtype)
     monkeypatch.setenv("RADIXKV_ONEDNN", "0")
     cfg, model = random_model(dtype, bias=True, seed=11)
-    if model.decode_step is None:  # bf16 with native GEMMs: no skinny kernel, layered path
-        assert dtype == torch.bfloat16 and native_half_matmul(dtype)
-        return
-    assert model.decode_step.kinds == {"dense"}, model.cpu_kernel
+    assert model.decode_step is not None and model.decode_step.kinds == {"dense"}
     pool = TokenToKVPool(2048, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-    cached = prefill(model, pool, [70, 131, 5])
-    ids = torch.tensor([3, 200, 17])
+    cached = prefill(model, pool, [70, 131, 5, 40][:batch])
+    ids = torch.tensor([3, 200, 17, 99][:batch])
     fast, ref, kv_fast, kv_ref = both_paths(model, pool, cached, ids)
     tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max().item()
     assert (fast - ref).abs().max().item() <= tol

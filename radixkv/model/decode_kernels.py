@@ -10,10 +10,10 @@ them from Python, with oneDNN's ~12 us fixed cost per prepacked linear call, too
 weight from oneDNN's own prepacked buffer (`torch.ops.mkldnn.data_ptr`), so there is no second
 copy of the weights, and does the rest (norms, rotary, K/V store, SwiGLU, residuals) in a few
 microseconds a layer; attention is the fused decode kernel of `radixkv.attention`. Quantized
-layers run on `quant_kernels`' packed row kernel and dense weights (bfloat16 on CPUs without
-native bf16 GEMMs, where nothing is packed) on `linear_kernels`' skinny kernel, both called from
-inside the step. On a 2-core AVX2-only EPYC the float32 step took a batch-1 decode from 81 to
-34 ms, the weight-bandwidth limit there.
+layers run on `quant_kernels`' packed row kernel (called from inside the step) and dense
+weights (bfloat16 on CPUs without native bf16 GEMMs, where nothing is packed) on the step's own
+row kernel, which widens bf16 in registers. On a 2-core AVX2-only EPYC the float32 step took a
+batch-1 decode from 81 to 34 ms, the weight-bandwidth limit there.
 
 oneDNN's blocked layout is not a public contract, so `build` checks it byte for byte for every
 distinct weight shape against the dense weight (64 x 64 tiles: float32 [k][o], bfloat16 VNNI
@@ -33,7 +33,7 @@ import torch
 
 from radixkv.attention import cpu_kernels
 from radixkv.errors import InvalidSlotError
-from radixkv.model import linear_kernels, quant_kernels, swiglu_kernels
+from radixkv.model import quant_kernels, swiglu_kernels
 from radixkv.model.quant import QuantLinear, QuantTensor
 from radixkv.native_build import RECORD, LazyLibrary
 
@@ -56,7 +56,7 @@ _LIN = "8q"  # struct Lin: weight, bias, O, K, kind, fmt, qs, scales
 _TILES, _QGEMM, _DENSE = 0, 1, 2  # Lin.kind
 _KIND_NAMES = {_TILES: "oneDNN-packed", _QGEMM: "low-bit packed", _DENSE: "dense"}
 _LAYER = struct.Struct("<" + _LIN * 4 + "4q")  # struct Layer
-_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 5q")  # struct Step
+_STEP = struct.Struct("<8q q 4q q 3q q" + _LIN + "q 2d 4q")  # struct Step
 
 
 def available(dtype: torch.dtype, tiles: bool = False) -> bool:
@@ -127,7 +127,7 @@ class DecodeStep:
         """The step for `model`, or None unless: CPU float32 / bfloat16 weights, every linear
         (and the LM head) either oneDNN-packed in the layout checked here with shapes multiples
         of 64, or a QuantLinear of one packed segment (int4 / int8, run by quant_kernels'
-        row kernel), or dense in the model dtype (run by linear_kernels' skinny kernel: what
+        row kernel), or dense in the model dtype with in_features a multiple of 8 (what
         bfloat16 keeps on CPUs without native bf16 GEMMs), and the step and the fused attention
         kernels built for this CPU."""
         dtype = model.norm.weight.dtype
@@ -164,8 +164,8 @@ class DecodeStep:
 
         def dense(w: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, ...] | None:
             if (w.dtype != dtype or w.device.type != "cpu" or not w.is_contiguous()
-                    or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))
-                    or linear_kernels.function() == 0):
+                    or w.shape[1] % 8
+                    or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))):
                 return None
             return (w.data_ptr(), 0 if bias is None else bias.data_ptr(), w.shape[0],
                     w.shape[1], _DENSE, 0, 0, 0)
@@ -248,8 +248,7 @@ class DecodeStep:
             pool.k_buffers[0].shape[0], indptr.data_ptr(), indices.data_ptr(),
             indices.shape[0], self.model.norm.weight.data_ptr(), *self._head,
             logits.data_ptr(), self.eps, self.sm_scale, torch.get_num_threads(), self._attn,
-            quant_kernels.qgemm_function(), swiglu_kernels.function(),
-            linear_kernels.function())
+            quant_kernels.qgemm_function(), swiglu_kernels.function())
         code = self._lib.rkv_decode_step(args)
         if code in (2, 3):
             raise InvalidSlotError("decode step: "

@@ -20,7 +20,6 @@ system C++ compiler, `-O3 -march=native -fopenmp`, cache under `$RADIXKV_CACHE_D
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from pathlib import Path
 
@@ -41,13 +40,6 @@ _LIB = LazyLibrary(_SRC, what="the CPU linear kernels", fallback="using torch li
 def available() -> bool:
     """True when the kernels are built (building them on the first call)."""
     return _LIB.available()
-
-
-def function() -> int:
-    """The address of the built `rkv_linear` (for compiled callers such as the decode step),
-    0 when not built."""
-    lib = _LIB.get()
-    return 0 if lib is None else int(ctypes.cast(lib.rkv_linear, ctypes.c_void_p).value or 0)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -192,12 +192,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head_packed = (onednn_pack(self.embed_tokens.weight) if self.lm_head is None
                                    else self.lm_head.packed)
         # Decode batches of 1-4 rows in one compiled call over the packed weights (where their
-        # layout is the one the step reads), the quantized ones, or the dense ones the skinny
-        # kernel multiplies: the layered forward's Python and per-call oneDNN overheads were
-        # ~20% of a batch-1 step on an AVX-512 Zen, ~55% on an AVX2-only EPYC.
-        self.decode_step = (decode_kernels.DecodeStep.build(self)
-                            if fast and cpu and (packed or fast_rows or self.quant_head is not None
-                                                 or self._has_quant_layers()) else None)
+        # layout is the one the step reads), the quantized ones or dense ones: the layered
+        # forward's Python and per-call oneDNN overheads were ~20% of a batch-1 step on an
+        # AVX-512 Zen, ~55% on an AVX2-only EPYC.
+        self.decode_step = decode_kernels.DecodeStep.build(self) if fast and cpu else None
         self.cpu_kernel = ("oneDNN prepacked" if packed
                            else f"skinny C++ kernel for 2-{fast_rows} rows, else torch"
                            if fast_rows else "torch F.linear")
@@ -205,9 +203,6 @@ class LlamaForCausalLM(nn.Module):
             kinds = " + ".join(sorted(self.decode_step.kinds))
             self.cpu_kernel += (f"; decode of 1-{decode_kernels.MAX_ROWS} rows in one compiled "
                                 f"step ({kinds} weights)")
-
-    def _has_quant_layers(self) -> bool:
-        return any(isinstance(m, QuantLinear) for m in self.layers.modules())
 
     def configure_half_matmul(self) -> None:
         """Former name of `configure_cpu_kernels` (kept for callers)."""

@@ -26,8 +26,8 @@
 // Group-quantized weights (LLM(quantization=...)) run on the packed low-bit kernel of
 // radixkv/model/csrc/qgemv.cpp (rkv_qgemm, passed in as a function pointer) instead, and
 // dense (unpacked) weights, which is what bfloat16 models keep on CPUs without native bf16
-// GEMMs, on the skinny kernel of radixkv/model/csrc/linear.cpp (rkv_linear, likewise): it
-// widens bf16 in registers, so such a step reads half the bytes of a float32 one.
+// GEMMs, on the row kernel below (`dense_product`): it widens bf16 in registers, so such a
+// step reads half the bytes of a float32 one.
 //
 // Attention runs on the fused CPU decode kernel of radixkv/attention (rkv_decode, passed in
 // as a function pointer with its `struct Args`), outside this file's parallel regions so it
@@ -66,7 +66,7 @@ struct Lin {
   const void* bias;  // [O] (TILES, DENSE: model dtype; QGEMM: float32), or null
   int64_t O, K;
   int64_t kind;      // TILES; QGEMM: a group-quantized weight run by rkv_qgemm (qgemv.cpp);
-                     // DENSE: a model-dtype weight run by rkv_linear (linear.cpp)
+                     // DENSE: a model-dtype weight, row-major (K a multiple of 8)
   int64_t fmt;       // QGEMM: the packed format code (int4 0, int8 1)
   const void* qs;    // QGEMM: codes and scales as qgemv.cpp lays them out
   const void* scales;
@@ -104,17 +104,6 @@ struct Step {
   int64_t (*attn)(int64_t, const void*);  // rkv_decode of paged_attention.cpp
   QGemm qgemm;                            // rkv_qgemm, when a weight is QGEMM (else null)
   int64_t (*swiglu)(const void*);         // rkv_swiglu of swiglu.cpp
-  int64_t (*linear)(const void*);         // rkv_linear of linear.cpp, when a weight is DENSE
-};
-
-// `struct Args` of radixkv/model/csrc/linear.cpp (rkv_linear's input; pointers as integers).
-struct LinearArgs {
-  int64_t M, N, K, x_dtype, w_dtype;
-  const void* x; int64_t x_s;
-  const void* w; int64_t w_s;
-  const void* bias;
-  void* y; int64_t y_s;
-  int64_t threads;
 };
 
 // `struct Args` of radixkv/attention/csrc/paged_attention.cpp (rkv_decode's input).
@@ -310,6 +299,98 @@ void tiles<uint16_t>(const Lin& L, int64_t M, const uint16_t* x, int64_t x_s, in
 
 enum Epilogue { STORE, RESIDUAL, LOGITS };
 
+// ---- products on dense row-major weights (DENSE) -------------------------------------------
+// Threads split the output rows into contiguous ranges (each weight row is read once, by one
+// thread); J rows at a time share each vector of x (widened to float32 beforehand), and each
+// weight vector serves all MR rows of x: MR * J accumulators, chosen so that MR * J + MR + 1
+// <= 16 registers and at M = 1 eight independent FMA chains hide the FMA latency.
+
+inline __m256 wload(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 wload(const uint16_t* p) {  // 8 bf16 -> 8 float32: widen, shift into the top half
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// r[m * J + j] = x row m . w row j (K a multiple of 8). `next` (the following block of J rows,
+// or null) is prefetched as this one is read: each row is only K elements long, too short a
+// stream for the hardware prefetcher to pick up before it ends (without this a batch-1 bf16
+// step ran at ~8 GB/s, loads stalling, where the tiles of the float32 step reach ~16).
+template <int MR, int J, typename T>
+inline void dense_block(const T* w, int64_t K, const float* x, float* r, const T* next) {
+  __m256 acc[MR][J];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < J; ++j) acc[m][j] = _mm256_setzero_ps();
+  const char* pf = (const char*)next;
+  constexpr int step = J * 8 * (int)sizeof(T);  // bytes of `next` to prefetch per k step
+  for (int64_t k = 0; k < K; k += 8) {
+    if (pf) {
+      for (int b = 0; b < step; b += 64) _mm_prefetch(pf + b, _MM_HINT_T0);
+      pf += step;
+    }
+    __m256 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int j = 0; j < J; ++j) {
+      const __m256 wv = wload(w + j * K + k);
+      for (int m = 0; m < MR; ++m) acc[m][j] = _mm256_fmadd_ps(xv[m], wv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < J; ++j) r[m * J + j] = hsum8(acc[m][j]);
+}
+
+// The epilogue of `product` (below) for outputs [o0, o0 + n) from sums r[m * n + j].
+template <typename T>
+inline void finish(const Lin& L, int64_t M, const float* r, int64_t o0, int n, void* out,
+                   int64_t out_s, Epilogue ep) {
+  const T* bias = (const T*)L.bias;
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < n; ++j) {
+      const float a = r[m * n + j];
+      if (ep == LOGITS) { ((float*)out)[m * out_s + o0 + j] = rnd<T>(a); continue; }
+      T* y = (T*)out + m * out_s + o0 + j;
+      const float v = rnd<T>(bias ? a + ld(bias, o0 + j) : a);
+      st(y, 0, ep == RESIDUAL ? ld(y, 0) + v : v);
+    }
+}
+
+template <int MR, int J, typename T>
+void dense_rows(const Lin& L, const float* x32, void* out, int64_t out_s, Epilogue ep) {
+#ifdef _OPENMP
+  const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+  const int nt = 1, tid = 0;
+#endif
+  const T* W = (const T*)L.w;
+  const int64_t K = L.K, nb = L.O / J;
+  float r[MR * J];
+  const int64_t bend = nb * (tid + 1) / nt;
+  for (int64_t b = nb * tid / nt; b < bend; ++b) {
+    dense_block<MR, J, T>(W + b * J * K, K, x32, r, b + 1 < bend ? W + (b + 1) * J * K : nullptr);
+    finish<T>(L, MR, r, b * J, J, out, out_s, ep);
+  }
+  if (tid == nt - 1)
+    for (int64_t o = nb * J; o < L.O; ++o) {  // rows left over from the blocks of J
+      dense_block<MR, 1, T>(W + o * K, K, x32, r, o + 1 < L.O ? W + (o + 1) * K : nullptr);
+      finish<T>(L, MR, r, o, 1, out, out_s, ep);
+    }
+}
+
+template <typename T>
+void dense_product(const Lin& L, int64_t M, const float* x32, void* out, int64_t out_s,
+                   Epilogue ep) {
+  switch (M) {
+    case 1: dense_rows<1, 8, T>(L, x32, out, out_s, ep); break;
+    case 2: dense_rows<2, 4, T>(L, x32, out, out_s, ep); break;
+    case 3: dense_rows<3, 3, T>(L, x32, out, out_s, ep); break;
+    default: dense_rows<4, 2, T>(L, x32, out, out_s, ep); break;
+  }
+}
+
 // y = x @ W^T (+ bias), inside a parallel region (every thread calls it). STORE: out[m, o] =
 // T(acc + b); RESIDUAL: out[m, o] = T(out + T(acc + b)) (the residual add); LOGITS: out (fp32)
 // = T(acc). `part` holds nt * M * O floats; ends with a barrier.
@@ -368,25 +449,10 @@ int64_t run_product(const Step& s, const Lin& L, const T* x, int64_t x_s, void* 
     return OK;
   }
   if (L.kind == DENSE) {
-    // rkv_linear rounds acc + bias to the model dtype, as torch's product does; a residual or
-    // the logits go through y32's bytes (room for M x O floats, so for M x O of T too).
-    T* tmp = (T*)y32;
-    const bool direct = ep == STORE;
-    const LinearArgs la{M, L.O, L.K, s.dtype, s.dtype, x, x_s, L.w, L.K, L.bias,
-                        direct ? out : tmp, direct ? out_s : L.O, nthreads_of(s)};
-    const int64_t code = s.linear(&la);
-    if (code) return 300 + code;
-    if (direct) return OK;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* y = tmp + m * L.O;
-      if (ep == LOGITS) {
-        float* o = (float*)out + m * out_s;
-        for (int64_t j = 0; j < L.O; ++j) o[j] = ld(y, j);
-        continue;
-      }
-      T* o = (T*)out + m * out_s;
-      for (int64_t j = 0; j < L.O; ++j) st(o, j, ld(o, j) + ld(y, j));
-    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < L.K; ++k) x32[m * L.K + k] = ld(x + m * x_s, k);
+#pragma omp parallel num_threads(nthreads_of(s))
+    dense_product<T>(L, M, x32, out, out_s, ep);
     return OK;
   }
   for (int64_t m = 0; m < M; ++m)
@@ -534,7 +600,7 @@ bool tiles_built(int64_t dtype) {
 bool lin_ok(const Step& s, const Lin& L, int64_t O, int64_t K) {
   if (L.O != O || L.K != K) return false;
   if (L.kind == TILES) return L.w && O % 64 == 0 && K % 64 == 0 && tiles_built(s.dtype);
-  if (L.kind == DENSE) return L.w && s.linear;
+  if (L.kind == DENSE) return L.w && K % 8 == 0;
   return L.kind == QGEMM && s.qgemm && L.qs && L.scales;
 }
 
