@@ -82,13 +82,19 @@ struct Args {
 };
 
 // acc[r][j] = x row r . w row j over K, for R (1 or 2) rows of x and J (1..4) weight rows.
+// `next` (the next block's first weight row, or null) is prefetched a cache line per row as
+// this block is read: a weight row is too short a stream for the hardware prefetcher, and
+// without it a bf16 product of 1 row ran at ~5 GB/s on one core of a Zen 3, its loads stalling.
 template <int R, int J, typename WT>
-inline void tile(const float* x, int64_t xs, const WT* w, int64_t ws, int64_t K, float* out) {
+inline void tile(const float* x, int64_t xs, const WT* w, int64_t ws, int64_t K, float* out,
+                 const WT* next) {
   vf acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = zero();
   const int64_t K8 = K & ~(int64_t)(W - 1);
   for (int64_t k = 0; k < K8; k += W) {
+    if (next && ((k * (int64_t)sizeof(WT)) & 63) == 0)
+      for (int j = 0; j < J; ++j) __builtin_prefetch(next + j * ws + k);
     vf wv[J];
     for (int j = 0; j < J; ++j) wv[j] = load(w + j * ws + k);
     for (int r = 0; r < R; ++r) {
@@ -104,12 +110,15 @@ inline void tile(const float* x, int64_t xs, const WT* w, int64_t ws, int64_t K,
     }
 }
 
+// The first pass over the block's weight rows (x rows 0-1) streams them from memory and
+// prefetches `next`; the other passes find them in L1.
 template <int J, typename WT>
 inline void rows_block(const float* x, int64_t M, int64_t K, const WT* w, int64_t ws,
-                       float* out /* [M, 4] */) {
+                       float* out /* [M, 4] */, const WT* next) {
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) tile<2, J>(x + m * K, K, w, ws, K, out + m * 4);
-  if (m < M) tile<1, J>(x + m * K, K, w, ws, K, out + m * 4);
+  for (; m + 2 <= M; m += 2)
+    tile<2, J>(x + m * K, K, w, ws, K, out + m * 4, m == 0 ? next : nullptr);
+  if (m < M) tile<1, J>(x + m * K, K, w, ws, K, out + m * 4, m == 0 ? next : nullptr);
 }
 
 template <typename XT, typename WT>
@@ -140,11 +149,12 @@ int64_t run(const Args& a) {
       const int64_t n0 = b * 4;
       const int64_t J = N - n0 < 4 ? N - n0 : 4;
       const WT* wb = w + n0 * a.w_s;
+      const WT* nx = b + 1 < b1 && n0 + 8 <= N ? wb + 4 * a.w_s : nullptr;  // a full block
       switch (J) {
-        case 4: rows_block<4>(xf.data(), M, K, wb, a.w_s, out.data()); break;
-        case 3: rows_block<3>(xf.data(), M, K, wb, a.w_s, out.data()); break;
-        case 2: rows_block<2>(xf.data(), M, K, wb, a.w_s, out.data()); break;
-        default: rows_block<1>(xf.data(), M, K, wb, a.w_s, out.data()); break;
+        case 4: rows_block<4>(xf.data(), M, K, wb, a.w_s, out.data(), nx); break;
+        case 3: rows_block<3>(xf.data(), M, K, wb, a.w_s, out.data(), nx); break;
+        case 2: rows_block<2>(xf.data(), M, K, wb, a.w_s, out.data(), nx); break;
+        default: rows_block<1>(xf.data(), M, K, wb, a.w_s, out.data(), nx); break;
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < J; ++j) {
