@@ -299,6 +299,23 @@ void tiles<uint16_t>(const Lin& L, int64_t M, const uint16_t* x, int64_t x_s, in
 
 enum Epilogue { STORE, RESIDUAL, LOGITS };
 
+// The epilogue every product kind shares, for outputs [o0, o0 + n) of M rows from float32
+// sums r[m * r_s + j] (model-dtype bias, or null when the kernel added it already). STORE:
+// out[m, o] = T(acc + b); RESIDUAL: out[m, o] = T(out + T(acc + b)) (the residual add);
+// LOGITS: out (fp32) = T(acc).
+template <typename T>
+inline void finish(const T* bias, int64_t M, const float* r, int64_t r_s, int64_t o0,
+                   int64_t n, void* out, int64_t out_s, Epilogue ep) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = r[m * r_s + j];
+      if (ep == LOGITS) { ((float*)out)[m * out_s + o0 + j] = rnd<T>(a); continue; }
+      T* y = (T*)out + m * out_s + o0 + j;
+      const float v = rnd<T>(bias ? a + ld(bias, o0 + j) : a);
+      st(y, 0, ep == RESIDUAL ? ld(y, 0) + v : v);
+    }
+}
+
 // ---- products on dense row-major weights (DENSE) -------------------------------------------
 // Threads split the output rows into contiguous ranges (each weight row is read once, by one
 // thread); J rows at a time share each vector of x (widened to float32 beforehand), and each
@@ -343,21 +360,6 @@ inline void dense_block(const T* w, int64_t K, const float* x, float* r, const T
     for (int j = 0; j < J; ++j) r[m * J + j] = hsum8(acc[m][j]);
 }
 
-// The epilogue of `product` (below) for outputs [o0, o0 + n) from sums r[m * n + j].
-template <typename T>
-inline void finish(const Lin& L, int64_t M, const float* r, int64_t o0, int n, void* out,
-                   int64_t out_s, Epilogue ep) {
-  const T* bias = (const T*)L.bias;
-  for (int64_t m = 0; m < M; ++m)
-    for (int j = 0; j < n; ++j) {
-      const float a = r[m * n + j];
-      if (ep == LOGITS) { ((float*)out)[m * out_s + o0 + j] = rnd<T>(a); continue; }
-      T* y = (T*)out + m * out_s + o0 + j;
-      const float v = rnd<T>(bias ? a + ld(bias, o0 + j) : a);
-      st(y, 0, ep == RESIDUAL ? ld(y, 0) + v : v);
-    }
-}
-
 template <int MR, int J, typename T>
 void dense_rows(const Lin& L, const float* x32, void* out, int64_t out_s, Epilogue ep) {
 #ifdef _OPENMP
@@ -369,14 +371,15 @@ void dense_rows(const Lin& L, const float* x32, void* out, int64_t out_s, Epilog
   const int64_t K = L.K, nb = L.O / J;
   float r[MR * J];
   const int64_t bend = nb * (tid + 1) / nt;
+  const T* bias = (const T*)L.bias;
   for (int64_t b = nb * tid / nt; b < bend; ++b) {
     dense_block<MR, J, T>(W + b * J * K, K, x32, r, b + 1 < bend ? W + (b + 1) * J * K : nullptr);
-    finish<T>(L, MR, r, b * J, J, out, out_s, ep);
+    finish<T>(bias, MR, r, J, b * J, J, out, out_s, ep);
   }
   if (tid == nt - 1)
     for (int64_t o = nb * J; o < L.O; ++o) {  // rows left over from the blocks of J
       dense_block<MR, 1, T>(W + o * K, K, x32, r, o + 1 < L.O ? W + (o + 1) * K : nullptr);
-      finish<T>(L, MR, r, o, 1, out, out_s, ep);
+      finish<T>(bias, MR, r, 1, o, 1, out, out_s, ep);
     }
 }
 
@@ -391,9 +394,8 @@ void dense_product(const Lin& L, int64_t M, const float* x32, void* out, int64_t
   }
 }
 
-// y = x @ W^T (+ bias), inside a parallel region (every thread calls it). STORE: out[m, o] =
-// T(acc + b); RESIDUAL: out[m, o] = T(out + T(acc + b)) (the residual add); LOGITS: out (fp32)
-// = T(acc). `part` holds nt * M * O floats; ends with a barrier.
+// y = x @ W^T (+ bias) on packed tiles, inside a parallel region (every thread calls it), then
+// `finish`. `part` holds nt * M * O floats; M <= 4; ends with a barrier.
 template <typename T>
 void product(const Lin& L, int64_t M, const T* x, int64_t x_s, void* out, int64_t out_s,
              Epilogue ep, float* part) {
@@ -410,35 +412,24 @@ void product(const Lin& L, int64_t M, const T* x, int64_t x_s, void* out, int64_
   // Epilogue over output blocks, split among the threads; block ob was summed by threads
   // t with b0(t) <= ob's last tile and b1(t) > its first tile.
   const int64_t nob = L.O / 64;
-  const T* bias = (const T*)L.bias;
   for (int64_t ob = nob * tid / nt; ob < nob * (tid + 1) / nt; ++ob) {
     const int64_t first = ob * nkb, last = first + nkb;  // tiles [first, last)
-    for (int64_t m = 0; m < M; ++m) {
-      float acc[64] = {0};
+    float acc[4 * 64] = {0};                              // [M, 64]
+    for (int64_t m = 0; m < M; ++m)
       for (int t = 0; t < nt; ++t) {
         const int64_t tb0 = nblk * t / nt, tb1 = nblk * (t + 1) / nt;
         if (tb0 >= last || tb1 <= first) continue;
         const float* p = part + ((int64_t)t * M + m) * L.O + ob * 64;
-        for (int j = 0; j < 64; ++j) acc[j] += p[j];
+        for (int j = 0; j < 64; ++j) acc[m * 64 + j] += p[j];
       }
-      const int64_t o0 = ob * 64;
-      if (ep == LOGITS) {
-        float* y = (float*)out + m * out_s + o0;
-        for (int j = 0; j < 64; ++j) y[j] = rnd<T>(acc[j]);
-        continue;
-      }
-      T* y = (T*)out + m * out_s + o0;
-      for (int j = 0; j < 64; ++j) {
-        const float v = rnd<T>(bias ? acc[j] + ld(bias, o0 + j) : acc[j]);
-        st(y, j, ep == RESIDUAL ? ld(y, j) + v : v);
-      }
-    }
+    finish<T>((const T*)L.bias, M, acc, 64, ob * 64, 64, out, out_s, ep);
   }
 #pragma omp barrier
 }
 
-// One product, from the calling thread: TILES in a parallel region of its own, QGEMM on the
-// packed low-bit kernel (which runs its own region) with float32 x / y and the epilogue here.
+// One product, from the calling thread: TILES and DENSE in a parallel region of their own,
+// QGEMM on the packed low-bit kernel (which runs its own region; it adds the float32 bias
+// itself) with float32 x / y and `finish` here. DENSE and QGEMM read x widened to float32.
 template <typename T>
 int64_t run_product(const Step& s, const Lin& L, const T* x, int64_t x_s, void* out,
                     int64_t out_s, Epilogue ep, float* part, float* x32, float* y32) {
@@ -448,31 +439,17 @@ int64_t run_product(const Step& s, const Lin& L, const T* x, int64_t x_s, void* 
     product<T>(L, M, x, x_s, out, out_s, ep, part);
     return OK;
   }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < L.K; ++k) x32[m * L.K + k] = ld(x + m * x_s, k);
   if (L.kind == DENSE) {
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < L.K; ++k) x32[m * L.K + k] = ld(x + m * x_s, k);
 #pragma omp parallel num_threads(nthreads_of(s))
     dense_product<T>(L, M, x32, out, out_s, ep);
     return OK;
   }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < L.K; ++k) x32[m * L.K + k] = ld(x + m * x_s, k);
   const int64_t code = s.qgemm(L.fmt, M, L.O, L.K, x32, L.K, L.qs, L.scales,
                                (const float*)L.bias, y32, L.O, nthreads_of(s));
   if (code) return 200 + code;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* y = y32 + m * L.O;
-    if (ep == LOGITS) {
-      float* o = (float*)out + m * out_s;
-      for (int64_t j = 0; j < L.O; ++j) o[j] = rnd<T>(y[j]);
-      continue;
-    }
-    T* o = (T*)out + m * out_s;
-    for (int64_t j = 0; j < L.O; ++j) {
-      const float v = rnd<T>(y[j]);
-      st(o, j, ep == RESIDUAL ? ld(o, j) + v : v);
-    }
-  }
+  finish<T>(nullptr, M, y32, L.O, 0, L.O, out, out_s, ep);
   return OK;
 }
 
