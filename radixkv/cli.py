@@ -208,8 +208,9 @@ def _add_serve(sub: Subparsers) -> None:
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="uvicorn's log level, default warning")
     g = p.add_argument_group("engine (the LLM options)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="weights, activations and KV dtype, default float32")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights, activations and KV dtype; default auto: float32, or bfloat16 "
+                        "with --quantization on CPUs with native bf16 GEMMs")
     g.add_argument("--device", default="cpu", help="torch device, default cpu")
     g.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV pool size in tokens (default: sized from free memory)")

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import radixkv.attention as attention
+import radixkv.attention.indices as indices_mod
 from radixkv.attention import (
     AttentionInputError,
     build_kv_indices,
@@ -428,12 +429,16 @@ def test_build_kv_indices_matches_loop_over_req_to_token() -> None:
         req_pool.write(row, 0, torch.randint(1, 1000, (50,), generator=gen))
     rows = torch.tensor([4, 0, 2, 2, 5])
     lens = torch.tensor([3, 0, 50, 1, 17])
-    indptr, indices = build_kv_indices(req_pool.req_to_token, rows, lens)
     table = req_pool.req_to_token
     expect = torch.cat([table[r, :n].long() for r, n in zip(rows, lens, strict=True)])
-    assert indptr.dtype == indices.dtype == torch.int64
-    assert indptr.tolist() == [0, 3, 3, 53, 54, 71]
-    assert torch.equal(indices, expect)
+    # the CPU (numpy) path and the torch-ops path (what CUDA runs) against the loop
+    for build in (build_kv_indices, indices_mod._build_torch):
+        indptr, indices = build(req_pool.req_to_token, rows, lens)
+        assert indptr.dtype == indices.dtype == torch.int64
+        assert indptr.tolist() == [0, 3, 3, 53, 54, 71]
+        assert torch.equal(indices, expect)
+        indptr, indices = build(req_pool.req_to_token, rows[2:3], lens[4:])  # one request
+        assert indptr.tolist() == [0, 17] and torch.equal(indices, table[2, :17].long())
 
 
 def test_build_kv_indices_feeds_decode() -> None:

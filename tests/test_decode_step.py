@@ -257,24 +257,28 @@ def test_rotate_store_equals_rotate_then_set_kv(dtype: torch.dtype, n: int) -> N
     assert torch.equal(heads, kept[0]) and torch.equal(k_buf, kept[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_step_runs_quantized_weights_like_the_layered_forward(tmp_path, mode: str) -> None:
+def test_step_runs_quantized_weights_like_the_layered_forward(tmp_path, mode: str,
+                                                              dtype: torch.dtype) -> None:
     """Group-quantized layers (and a quantized tied LM head) run in the step on the packed
-    low-bit row kernel: the same numbers as the layered forward's QuantLinear calls."""
+    low-bit row kernel: the same numbers as the layered forward's QuantLinear calls, in float32
+    and in bfloat16 (what dtype="auto" picks for quantized weights on CPUs with native bf16)."""
     from radixkv.model import load_model
     from tests.model_fixtures import make_tiny_hf
 
-    needs_step(torch.float32)
+    needs_step(dtype)
     make_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=True, attention_bias=True)
-    lm = load_model(str(tmp_path / "hf"), quantization=mode)
+    lm = load_model(str(tmp_path / "hf"), quantization=mode, dtype=dtype)
     model, cfg = lm.model, lm.config
     assert model.quant_head is not None and model.decode_step is not None, model.cpu_kernel
     pool = TokenToKVPool(2048, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype=lm.dtype)
     cached = prefill(model, pool, [23, 70, 5, 130])
     ids = torch.tensor([3, 50, 200, 7])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: a last-bit rounding apart at most
     for batch in (1, 4):
         fast, ref, kv_fast, kv_ref = both_paths(model, pool, cached[:batch], ids[:batch])
-        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast, ref, atol=tol, rtol=tol)
         for (kf, vf), (kr, vr) in zip(kv_fast, kv_ref, strict=True):
-            torch.testing.assert_close(kf, kr, atol=1e-6, rtol=1e-6)
-            torch.testing.assert_close(vf, vr, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(kf.float(), kr.float(), atol=tol / 10, rtol=tol / 10)
+            torch.testing.assert_close(vf.float(), vr.float(), atol=tol / 10, rtol=tol / 10)

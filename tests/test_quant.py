@@ -225,7 +225,7 @@ def test_quantize_error_bound(fmt: str, levels: int) -> None:
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_quantized_hf_model_equals_dequantized_float_model(tmp_path: Path, mode: str) -> None:
     make_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=True, attention_bias=True)
-    q = load_model(str(tmp_path / "hf"), quantization=mode)
+    q = load_model(str(tmp_path / "hf"), quantization=mode, dtype="float32")
     f = load_model(str(tmp_path / "hf"))
     f.model.configure_cpu_kernels(fast=False)  # dense weights back, to be edited
     with torch.no_grad():  # the oracle: the float model with its matrices round-tripped
@@ -262,7 +262,7 @@ def test_tiny_gguf_quantized_end_to_end(tmp_path: Path, arch: str) -> None:
     hf = make_tiny_hf(tmp_path / "hf", arch)
     write_tiny_gguf(tmp_path / "m.gguf", hf, arch, [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.F32])
     f = load_model(str(tmp_path / "m.gguf"))
-    q = load_model(str(tmp_path / "m.gguf"), quantization="gguf")
+    q = load_model(str(tmp_path / "m.gguf"), quantization="gguf", dtype="float32")
     # every stored type shows up: int4 from Q4_0 and Q4_1, int8 from Q8_0, widened F16 / F32
     fmts = q.kernel_info()["quantized_formats"]
     assert {k.split(" ")[0] for k in fmts} >= {"int4", "int8", "float32"}, fmts
@@ -277,6 +277,23 @@ def test_tiny_gguf_quantized_end_to_end(tmp_path: Path, arch: str) -> None:
 
 
 # ---- settings ---------------------------------------------------------------------------------
+def test_auto_dtype_is_float32_unless_quantized_on_native_bf16() -> None:
+    from radixkv.errors import ModelLoadError
+    from radixkv.model import resolve_dtype
+    from radixkv.model.layers import native_half_matmul
+
+    cpu = torch.device("cpu")
+    native = native_half_matmul(torch.bfloat16)
+    assert resolve_dtype("auto", None, cpu) == torch.float32  # token-exact default
+    for mode in ("gguf", "int4", "int8"):
+        assert resolve_dtype("auto", mode, cpu) == (torch.bfloat16 if native else torch.float32)
+        assert resolve_dtype("float32", mode, cpu) == torch.float32  # asked for: kept
+    assert resolve_dtype("bf16", None, cpu) == torch.bfloat16
+    assert resolve_dtype(torch.float32, "gguf", cpu) == torch.float32
+    with pytest.raises(ModelLoadError, match="dtype"):
+        resolve_dtype("float8", None, cpu)
+
+
 def test_bad_quantization_settings(tmp_path: Path) -> None:
     assert validate_quantization(None) is None
     assert validate_quantization("INT4") == "int4"

