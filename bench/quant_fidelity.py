@@ -127,14 +127,18 @@ def main() -> None:
     print(f"# float32 reference: {time.perf_counter() - t:.0f} s; {len(text_ids)} text tokens; "
           f"{int(tie.sum())} of {tie.numel()} positions are near ties (margin < {args.tie})")
     rows = [("float32", "-", "-", "-", "-", "-", f"{ppl_ref:.4f}", "-")]
-    variants = [(m, None) for m in args.modes.split(",")]
-    if quant.default_gemm_dtype() != torch.float32:  # also the float32 prefill GEMM, for scale
-        variants += [(m, torch.float32) for m in args.modes.split(",")]
-    for mode, gemm in variants:
+    # each mode as LLM(quantization=mode) runs it (dtype "auto": bf16 activations where the CPU
+    # has native bf16), and there also in float32 with the float32 prefill GEMM, for scale
+    variants: list[tuple[str, torch.dtype | None, str]] = [
+        (m, None, "auto") for m in args.modes.split(",")]
+    if quant.default_gemm_dtype() != torch.float32:
+        variants += [(m, torch.float32, "float32") for m in args.modes.split(",")]
+    for mode, gemm, dtype in variants:
         quant._gemm_dtype = gemm  # None: this CPU's default
-        lm = load_model(args.model, quantization=mode)
+        lm = load_model(args.model, quantization=mode, dtype=dtype)
         quant._gemm_dtype = None
-        name = f"{mode} ({str(lm.kernel_info()['gemm_dtype']).replace('torch.', '')} GEMM)"
+        info = lm.kernel_info()
+        name = f"{mode} ({info['model_dtype']}, {info['gemm_dtype']} GEMM)"
         logits = teacher_forced(lm, prompts, conts)
         agree = logits.argmax(-1) == ref.argmax(-1)
         err = (logits - ref).abs()

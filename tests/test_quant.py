@@ -93,6 +93,39 @@ def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
         bf16_close(layer(x), ref, x, w)
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 64), (130, 96), (40, 1536)])
+def test_bf16_blocked_kernel_matches_reference(fmt: str, n: int, k: int) -> None:
+    """bfloat16 x on the blocked kernel's vdpbf16ps variant (AVX512-BF16): the weight rounded
+    to bf16 as the bf16 GEMM rounds it, products exact, sums in float32; so the oracle is the
+    float64 product of bf16 x and the bf16-rounded dequantized weight."""
+    if not qk.bf16_blocked():
+        pytest.skip("no AVX512-BF16 blocked kernel here")
+    gen = torch.Generator().manual_seed(n + k)
+    qt = random_quant(fmt, n, k, gen)
+    w16 = qt.dequantize().bfloat16().double()
+    bias = torch.randn(n, generator=gen)
+    for m in (0, 1, 3, 4, 5, 7, 8, 13, 20, 33, 127):
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        ref = (x.double() @ w16.T + bias.double()).float()
+        wide = torch.full((m, n + 5), 7.0)
+        qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n], blocked=True)
+        close(wide[:, 2:2 + n], ref)
+        assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
+        layer = QuantLinear([qt], bias)  # default limits: bf16 x takes this kernel at 5-127 rows
+        want = "packed-gemv" if m < 5 else "packed-blocked"
+        assert layer.kernel_for(m, dtype=torch.bfloat16) == want
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        if m >= 5:  # the same float32 result rounded once to bf16: within one bf16 step
+            torch.testing.assert_close(out.float(), ref, atol=1e-5, rtol=2.0 ** -8)
+    xs = torch.randn(16, k, generator=gen).bfloat16()[::2]  # rows of a bigger tensor
+    torch.testing.assert_close(QuantLinear([qt], bias)(xs).float(),
+                               (xs.double() @ w16.T + bias.double()).float(),
+                               atol=1e-5, rtol=2.0 ** -8)
+
+
 def bf16_close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """Rounding x and W to bf16 (8-bit mantissa) and the product back: error bounded by
     ~3 * 2^-8 of sum |x| |w| per output."""
@@ -162,6 +195,17 @@ def test_kernel_choice_by_shape() -> None:
     # without native bf16: the blocked kernel up to any M with AVX-512, fp32 GEMM from 64 else
     f32 = QuantLinear([qt], gemm_dtype=torch.float32)
     assert f32.gemv_max_rows == (1 << 62 if qk.width() >= 16 else quant.GEMV_MAX_ROWS_AVX2)
+    # bf16 x: the bf16 blocked kernel's limits where it is built, else the float32 ones
+    if qk.bf16_blocked():
+        assert d.limits(torch.bfloat16) == (quant.BF16X_BLOCKED_MIN_ROWS,
+                                            quant.BF16X_GEMV_MAX_ROWS)
+        assert [d.kernel_for(m, dtype=torch.bfloat16) for m in (4, 5, 127, 128)] == [
+            "packed-gemv", "packed-blocked", "packed-blocked", "widen+gemm-bfloat16"]
+    else:
+        assert d.limits(torch.bfloat16) == d.limits(torch.float32)
+    assert layer.limits(torch.bfloat16) == (4, 16)  # explicit limits hold for every dtype
+    from radixkv.model import decode_kernels  # its batches stay on the row kernel either way
+    assert quant.BF16X_BLOCKED_MIN_ROWS > decode_kernels.MAX_ROWS
 
 
 def test_kernels_built_with_this_cpus_simd() -> None:

@@ -74,6 +74,19 @@ TILE_ELEMS = 1 << 20
 WIDEN_MAX_ELEMS = 1 << 22
 
 
+# bfloat16 x (a bf16 model) on CPUs with AVX512-BF16: the blocked kernel's vdpbf16ps variant
+# (csrc/qgemv.cpp `micro_bf16`) runs from 4 rows to below 128. Measured on a 2-core Zen 4 with
+# `bench/quant_kernels.py --threads 2` (30 layers of SmolLM2's four int4 products, ms): vs the
+# row kernel on x widened to float32, 1 row 6.3 vs 5.4, 2: 7.4 vs 7.0, 4: 7.8 vs 9.1, 8: 9.8 vs
+# 14.9; vs the float32 blocked kernel 16 rows 14.0 vs 31.6, 20: 15.8 vs 34.2; vs widening to bf16
+# + torch's GEMM 32 rows 23.7 vs 30.8, 64: 42.9 vs 52.5, 128: 78.4 vs 80.2, 256: 153.5 vs 150.2,
+# 512: 313.8 vs 275.3. It starts at 5 rows, not 4: up to 4 rows decode runs in the compiled
+# step (radixkv/model/decode_kernels.py) on the row kernel, and the layered forward must give
+# the same numbers for those batches (the bf16 kernel rounds the widened weight to bf16).
+BF16X_BLOCKED_MIN_ROWS = 5
+BF16X_GEMV_MAX_ROWS = 128
+
+
 def blocked_min_rows_for(n: int, k: int) -> int:
     """From how many rows of x a [n, k] weight takes the blocked kernel (see the table)."""
     return BLOCKED_MIN_ROWS
@@ -269,8 +282,10 @@ class QuantLinear(nn.Module):
     larger M widens the weight (whole, or tile by tile for the vocab-sized LM head) into a reused
     buffer and runs torch's GEMM on it, in bfloat16 where the CPU has native bf16 GEMMs
     (`gemm_dtype`), else float32. The packed kernels take float32 activations (bf16 / fp16
-    inputs are upcast and the result rounded back). Without the compiled kernels, every M uses
-    the torch reference (dequantize, then float32 matmul).
+    inputs are upcast and the result rounded back), except bfloat16 x on CPUs with AVX512-BF16,
+    which has its own limits (`limits`): the blocked kernel's vdpbf16ps variant takes it as it
+    is from BF16X_BLOCKED_MIN_ROWS to below BF16X_GEMV_MAX_ROWS rows. Without the compiled
+    kernels, every M uses the torch reference (dequantize, then float32 matmul).
     """
 
     def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
@@ -287,6 +302,14 @@ class QuantLinear(nn.Module):
                               else gemv_max_rows_for(self.gemm_dtype))
         self.blocked_min_rows = (blocked_min_rows if blocked_min_rows is not None
                                  else blocked_min_rows_for(self.out_features, self.in_features))
+        # the limits for bfloat16 x: explicit limits hold for every dtype; by default the
+        # measured ones of the bf16 blocked kernel where it is built
+        bf16_ok = quant_kernels.bf16_blocked() and self.gemm_dtype == torch.bfloat16
+        self.gemv_max_rows_bf16 = (gemv_max_rows if gemv_max_rows is not None
+                                   else BF16X_GEMV_MAX_ROWS if bf16_ok else self.gemv_max_rows)
+        self.blocked_min_rows_bf16 = (blocked_min_rows if blocked_min_rows is not None
+                                      else BF16X_BLOCKED_MIN_ROWS if bf16_ok
+                                      else self.blocked_min_rows)
         self.formats: list[str] = []
         self.sources: list[str] = []
         self._rows: list[int] = []
@@ -327,15 +350,25 @@ class QuantLinear(nn.Module):
         return QuantTensor(self.formats[i], getattr(self, f"qs{i}"),
                            getattr(self, f"scales{i}"), self.sources[i])
 
-    def kernel_for(self, m: int, device: torch.device | None = None) -> str:
-        """Which path a product with `m` rows takes: "packed-gemv" (the row kernel),
-        "packed-blocked", "widen+gemm-float32" / "widen+gemm-bfloat16", or "reference" (no
-        compiled kernels, or not on the CPU)."""
+    def limits(self, dtype: torch.dtype) -> tuple[int, int]:
+        """(blocked_min_rows, gemv_max_rows) for x of `dtype`: bfloat16 x has its own (the
+        bf16 blocked kernel, where built), every other dtype the float32 ones."""
+        if dtype == torch.bfloat16 and quant_kernels.bf16_blocked():
+            return self.blocked_min_rows_bf16, self.gemv_max_rows_bf16
+        return self.blocked_min_rows, self.gemv_max_rows
+
+    def kernel_for(self, m: int, device: torch.device | None = None,
+                   dtype: torch.dtype = torch.float32) -> str:
+        """Which path a product with `m` rows of x in `dtype` takes: "packed-gemv" (the row
+        kernel), "packed-blocked" (for bf16 x where built: its vdpbf16ps variant),
+        "widen+gemm-float32" / "widen+gemm-bfloat16", or "reference" (no compiled kernels, or
+        not on the CPU)."""
         dev = device if device is not None else next(iter(self.buffers())).device
         if dev.type != "cpu" or not quant_kernels.available():
             return "reference"
-        if m < self.gemv_max_rows:
-            return "packed-gemv" if m < self.blocked_min_rows else "packed-blocked"
+        lo, hi = self.limits(dtype)
+        if m < hi:
+            return "packed-gemv" if m < lo else "packed-blocked"
         return f"widen+gemm-{str(self.gemm_dtype).replace('torch.', '')}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
@@ -344,13 +377,16 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu" or not quant_kernels.available():
             w = torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize() for s in segs])
             return F.linear(x.float(), w, self.bias).to(x.dtype)
-        if m >= self.gemv_max_rows:
+        lo, hi = self.limits(x.dtype)
+        if m >= hi:
             return self._gemm(x, segs)
-        x32 = x if x.dtype == torch.float32 else x.float()
+        blocked = m >= lo
+        # bf16 x feeds the bf16 blocked kernel as it is (vdpbf16ps), else widened to float32
+        keep16 = blocked and x.dtype == torch.bfloat16 and quant_kernels.bf16_blocked()
+        x32 = x if x.dtype == torch.float32 or keep16 else x.float()
         if x32.stride(-1) != 1:
             x32 = x32.contiguous()
         out = torch.empty(m, self.out_features, dtype=torch.float32)
-        blocked = m >= self.blocked_min_rows
         if m:
             off = 0
             for seg, rows in zip(segs, self._rows, strict=True):
@@ -358,7 +394,7 @@ class QuantLinear(nn.Module):
                 bias = (None if self.bias is None
                         else self.bias if len(segs) == 1 else self.bias[off:off + rows])
                 if isinstance(seg, torch.Tensor):
-                    dst.copy_(F.linear(x32, seg, bias))
+                    dst.copy_(F.linear(x32.float(), seg, bias))
                 else:
                     quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked)
                 off += rows

@@ -129,6 +129,16 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
         if hi < 1 << 40:
             info["kernels"][f"M >= {hi}"] = (f"weight widened to {gemm} + torch GEMM" if ready
                                              else ref)
+        lo16, hi16 = lin.limits(torch.bfloat16)
+        if ready and model_dtype == "bfloat16" and (lo16, hi16) != (lo, hi):
+            info["activations"] = (f"bfloat16 between products and into the blocked kernel; "
+                                   f"float32 in the row kernel, {gemm} in the widened GEMM")
+            info["kernels"] = {  # what bf16 activations take (see QuantLinear.limits)
+                f"M < {lo16}": f"packed int4/int8 row kernel (C++ {isa}, OpenMP)",
+                f"{lo16} <= M < {hi16}": ("packed int4/int8 blocked kernel, W widened to bf16 "
+                                          "in L1, vdpbf16ps tiles (C++ AVX512-BF16, OpenMP)"),
+                f"M >= {hi16}": f"weight widened to {gemm} + torch GEMM",
+            }
     if report is not None:
         info["quant_report"] = report.summary()
     return info

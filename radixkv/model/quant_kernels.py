@@ -58,6 +58,7 @@ _declared: set[str] = set()
 _EXTRA_ARGS = {  # entry points declared on first use (beside those of `_LIB`)
     "rkv_qgemm_blocked": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_dequant_bf16": ["i64"] * 3 + ["ptr"] * 3 + ["i64"] * 2,
+    "rkv_qgemm_blocked_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
 }
 
 
@@ -70,6 +71,18 @@ def _fn(lib: ctypes.CDLL, name: str) -> Any:
         fn.restype = ctypes.c_int64
         _declared.add(name)
     return fn
+
+
+def bf16_blocked() -> bool:
+    """True when the blocked kernel for bfloat16 x (vdpbf16ps tiles: AVX512-BF16) is built; then
+    `qgemm(..., blocked=True)` takes bf16 x as it is."""
+    if not available():
+        return False
+    fn = getattr(_LIB.get(), "rkv_qgemm_bf16_blocked", None)
+    if fn is None:
+        return False
+    fn.restype = ctypes.c_int64
+    return bool(fn())
 
 
 def width() -> int:
@@ -88,16 +101,22 @@ def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
           bias: torch.Tensor | None, out: torch.Tensor, blocked: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W.T (+ bias), W [N, K] packed as (qs, scales) in format `fmt`.
 
-    x: float32 with unit last stride; out: float32 [M, N] view with unit last stride (it may be a
-    column slice of a wider tensor); bias: float32 [N] or None. Caller checks shapes.
+    x: float32 with unit last stride, or bfloat16 with `blocked` where `bf16_blocked()`; out:
+    float32 [M, N] view with unit last stride (it may be a column slice of a wider tensor);
+    bias: float32 [N] or None. Caller checks shapes.
     `blocked`: the kernel that widens blocks of W into L1 once for all M rows and runs a 4 x 3
-    register tile over them (faster from a few rows on); else the row kernel, which widens each
-    group in registers once per 8 rows of x (fastest for decode's 1-4 rows).
+    register tile over them (faster from a few rows on; for bf16 x, W widened to bf16 and
+    vdpbf16ps tiles); else the row kernel, which widens each group in registers once per 8
+    rows of x (fastest for decode's 1-4 rows).
     """
     lib = _LIB.get()
     assert lib is not None, "quant_kernels.qgemm called without available()"
     m, k = x.shape
-    fn = _fn(lib, "rkv_qgemm_blocked") if blocked else lib.rkv_qgemm
+    if x.dtype == torch.bfloat16:
+        assert blocked, "bf16 x needs the blocked kernel"
+        fn = _fn(lib, "rkv_qgemm_blocked_bf16")
+    else:
+        fn = _fn(lib, "rkv_qgemm_blocked") if blocked else lib.rkv_qgemm
     code = fn(FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0),
               qs.data_ptr(), scales.data_ptr(),
               bias.data_ptr() if bias is not None else None,
