@@ -231,3 +231,19 @@ def test_top_k_top_p_on_a_large_vocabulary_matches_a_full_sort():
         assert torch.equal(got[i] > 0, want > 0), i
         assert torch.allclose(got[i], want), i
     assert torch.equal(got[7], probs[7])  # no filter: untouched
+
+
+def test_greedy_argmax_is_torch_argmax() -> None:
+    """The numpy path for float32 CPU logits keeps torch.argmax's rule: the first maximum,
+    NaN counting as the maximum (the oracle: torch.argmax itself)."""
+    from radixkv.engine.sampler import greedy_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 300, generator=gen)
+    x[1, 7] = x[1, 200] = 50.0  # a tie: the first index wins
+    x[2, 9] = float("nan")
+    x[3, :] = 0.0  # all equal
+    x[4, 5] = float("inf")
+    for t in (x, x[:, ::2], x[:0], x.double(), x.bfloat16()):
+        got = greedy_argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(dim=-1))
