@@ -39,11 +39,21 @@ def build_kv_indices(req_to_token: torch.Tensor, rows: torch.Tensor,
     if rows.shape[0] != seq_lens.shape[0]:
         raise AttentionInputError(f"rows ({rows.shape[0]}) and seq_lens ({seq_lens.shape[0]}) "
                                   "must have one entry per request")
-    dev = req_to_token.device
-    n_rows, max_ctx = req_to_token.shape
-    if dev.type == "cpu" and rows.device.type == "cpu" and seq_lens.device.type == "cpu":
+    if (req_to_token.device.type == "cpu" and rows.device.type == "cpu"
+            and seq_lens.device.type == "cpu"):
         return _build_cpu(req_to_token, rows, seq_lens)
     return _build_torch(req_to_token, rows, seq_lens)
+
+
+def _check_ranges(lo_row: int, hi_row: int, lo_len: int, hi_len: int, n_rows: int,
+                  max_ctx: int) -> None:
+    """InvalidSlotError unless every row is in [0, n_rows) and every length in [0, max_ctx]."""
+    if lo_row < 0 or hi_row >= n_rows:
+        bad = lo_row if lo_row < 0 else hi_row
+        raise InvalidSlotError(f"request row {bad} is out of range 0..{n_rows - 1}")
+    if lo_len < 0 or hi_len > max_ctx:
+        bad = lo_len if lo_len < 0 else hi_len
+        raise InvalidSlotError(f"sequence length {bad} is outside 0..{max_ctx} (max_context_len)")
 
 
 def _build_torch(req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.Tensor
@@ -59,12 +69,7 @@ def _build_torch(req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch
     # One sync for every check and for the output size.
     lo_row, hi_row, lo_len, hi_len = torch.stack(
         [rows.min(), rows.max(), lens.min(), lens.max()]).tolist()
-    if lo_row < 0 or hi_row >= n_rows:
-        bad = lo_row if lo_row < 0 else hi_row
-        raise InvalidSlotError(f"request row {bad} is out of range 0..{n_rows - 1}")
-    if lo_len < 0 or hi_len > max_ctx:
-        bad = lo_len if lo_len < 0 else hi_len
-        raise InvalidSlotError(f"sequence length {bad} is outside 0..{max_ctx} (max_context_len)")
+    _check_ranges(lo_row, hi_row, lo_len, hi_len, n_rows, max_ctx)
     torch.cumsum(lens, 0, out=kv_indptr[1:])
     # [B, max_len] block of the rows, then keep positions < seq_len; a boolean mask selects in
     # row-major order, which is exactly request-by-request, position-by-position.
@@ -86,12 +91,7 @@ def _build_cpu(req_to_token: torch.Tensor, rows: torch.Tensor, seq_lens: torch.T
     if lens.shape[0] == 0:
         return torch.from_numpy(kv_indptr), torch.zeros(0, dtype=torch.int64)
     lo_row, hi_row, lo_len, hi_len = int(r.min()), int(r.max()), int(lens.min()), int(lens.max())
-    if lo_row < 0 or hi_row >= n_rows:
-        bad = lo_row if lo_row < 0 else hi_row
-        raise InvalidSlotError(f"request row {bad} is out of range 0..{n_rows - 1}")
-    if lo_len < 0 or hi_len > max_ctx:
-        bad = lo_len if lo_len < 0 else hi_len
-        raise InvalidSlotError(f"sequence length {bad} is outside 0..{max_ctx} (max_context_len)")
+    _check_ranges(lo_row, hi_row, lo_len, hi_len, n_rows, max_ctx)
     np.cumsum(lens, out=kv_indptr[1:])
     table = req_to_token.numpy()
     if r.shape[0] == 1:  # one request: its row's prefix, no mask needed

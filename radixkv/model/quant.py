@@ -75,7 +75,7 @@ WIDEN_MAX_ELEMS = 1 << 22
 
 
 # bfloat16 x (a bf16 model) on CPUs with AVX512-BF16: the blocked kernel's vdpbf16ps variant
-# (csrc/qgemv.cpp `micro_bf16`) runs from 4 rows to below 128. Measured on a 2-core Zen 4 with
+# (csrc/qgemv.cpp `micro_bf16`) runs from 5 rows to below 128. Measured on a 2-core Zen 4 with
 # `bench/quant_kernels.py --threads 2` (30 layers of SmolLM2's four int4 products, ms): vs the
 # row kernel on x widened to float32, 1 row 6.3 vs 5.4, 2: 7.4 vs 7.0, 4: 7.8 vs 9.1, 8: 9.8 vs
 # 14.9; vs the float32 blocked kernel 16 rows 14.0 vs 31.6, 20: 15.8 vs 34.2; vs widening to bf16

@@ -111,34 +111,31 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
         lin = linears[0]
         gemm = str(lin.gemm_dtype).replace("torch.", "")
         isa = {16: "AVX-512", 8: "AVX2+FMA"}.get(quant_kernels.width(), "scalar")
-        lo, hi = lin.blocked_min_rows, lin.gemv_max_rows
         ref = "torch reference (dequantize + float32 matmul)"
         first = next(model.parameters(), None)
-        model_dtype = str(first.dtype if first is not None else torch.float32
-                          ).replace("torch.", "")
+        dtype = first.dtype if first is not None else torch.float32
+        model_dtype = str(dtype).replace("torch.", "")
         info["model_dtype"] = model_dtype  # norms, attention, KV and the values between products
-        info["activations"] = (f"{model_dtype} between products; float32 in the packed "
-                               f"kernels, {gemm} in the widened GEMM" if ready else model_dtype)
+        # the limits x of the model dtype takes (bf16 x: its own blocked kernel where built)
+        lo, hi = lin.limits(dtype)
+        bf16_blocked = (ready and dtype == torch.bfloat16
+                        and (lo, hi) != (lin.blocked_min_rows, lin.gemv_max_rows))
+        into = "between products and into the blocked kernel; float32 in the row kernel" \
+            if bf16_blocked else "between products; float32 in the packed kernels"
+        info["activations"] = (f"{model_dtype} {into}, {gemm} in the widened GEMM" if ready
+                               else model_dtype)
         info["gemm_dtype"] = gemm if ready else "float32"
+        blocked = ("packed int4/int8 blocked kernel, W widened to bf16 in L1, vdpbf16ps tiles "
+                   "(C++ AVX512-BF16, OpenMP)" if bf16_blocked
+                   else f"packed int4/int8 blocked kernel (C++ {isa}, OpenMP)")
         upper = f" < {hi}" if hi < 1 << 40 else ""
         info["kernels"] = {
             f"M < {lo}": f"packed int4/int8 row kernel (C++ {isa}, OpenMP)" if ready else ref,
-            f"{lo} <= M{upper}": (f"packed int4/int8 blocked kernel (C++ {isa}, OpenMP)"
-                                  if ready else ref),
+            f"{lo} <= M{upper}": blocked if ready else ref,
         }
         if hi < 1 << 40:
             info["kernels"][f"M >= {hi}"] = (f"weight widened to {gemm} + torch GEMM" if ready
                                              else ref)
-        lo16, hi16 = lin.limits(torch.bfloat16)
-        if ready and model_dtype == "bfloat16" and (lo16, hi16) != (lo, hi):
-            info["activations"] = (f"bfloat16 between products and into the blocked kernel; "
-                                   f"float32 in the row kernel, {gemm} in the widened GEMM")
-            info["kernels"] = {  # what bf16 activations take (see QuantLinear.limits)
-                f"M < {lo16}": f"packed int4/int8 row kernel (C++ {isa}, OpenMP)",
-                f"{lo16} <= M < {hi16}": ("packed int4/int8 blocked kernel, W widened to bf16 "
-                                          "in L1, vdpbf16ps tiles (C++ AVX512-BF16, OpenMP)"),
-                f"M >= {hi16}": f"weight widened to {gemm} + torch GEMM",
-            }
     if report is not None:
         info["quant_report"] = report.summary()
     return info

@@ -21,13 +21,18 @@ _SRC = Path(__file__).with_name("csrc") / "qgemv.cpp"
 FORMATS = {"int4": 0, "int8": 1}  # the kernel's `fmt` codes
 
 _simd = False  # built with SIMD code (read once the library loads)
+_bf16_blocked = False  # built with the bf16 blocked kernel (likewise)
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def _read_simd(lib: ctypes.CDLL) -> None:
-    global _simd
+    global _simd, _bf16_blocked
     lib.rkv_qgemm_simd.restype = ctypes.c_int64
     _simd = bool(lib.rkv_qgemm_simd())
+    fn = getattr(lib, "rkv_qgemm_bf16_blocked", None)
+    if fn is not None:
+        fn.restype = ctypes.c_int64
+        _bf16_blocked = bool(fn())
 
 
 _LIB = LazyLibrary(_SRC, what="the quantized kernels", fallback="quantized layers use torch",
@@ -75,14 +80,9 @@ def _fn(lib: ctypes.CDLL, name: str) -> Any:
 
 def bf16_blocked() -> bool:
     """True when the blocked kernel for bfloat16 x (vdpbf16ps tiles: AVX512-BF16) is built; then
-    `qgemm(..., blocked=True)` takes bf16 x as it is."""
-    if not available():
-        return False
-    fn = getattr(_LIB.get(), "rkv_qgemm_bf16_blocked", None)
-    if fn is None:
-        return False
-    fn.restype = ctypes.c_int64
-    return bool(fn())
+    `qgemm(..., blocked=True)` takes bf16 x as it is. (Read once at load: QuantLinear asks on
+    every forward.)"""
+    return available() and _bf16_blocked
 
 
 def width() -> int:

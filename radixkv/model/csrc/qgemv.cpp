@@ -20,7 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -274,31 +274,6 @@ inline void micro_any(int r, int c, const float* x, int64_t ldx, const float* w,
   }
 }
 
-// Rows n0 .. n0 + nb of W times all M rows of x, through the widened buffer `buf` [nb, K].
-template <int64_t F>
-void block_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, const uint16_t* sc,
-                 int64_t n0, int64_t nb, int64_t K, const float* bias, float* y, int64_t ldy,
-                 float* buf) {
-  const int64_t groups = K / G;
-  for (int64_t r = 0; r < nb; ++r) {
-    float* o = buf + r * K;
-    for (int64_t g = 0; g < groups; ++g) {
-      vf w[NV];
-      widen<F>(qs, sc, (n0 + r) * groups + g, w);
-      for (int j = 0; j < NV; ++j) vstore(o + g * G + W * j, w[j]);
-    }
-  }
-  float b[NR];
-  for (int64_t m = 0; m < M; m += MR) {
-    const int r = (int)(M - m < MR ? M - m : MR);
-    for (int64_t j = 0; j < nb; j += NR) {
-      const int c = (int)(nb - j < NR ? nb - j : NR);
-      for (int t = 0; t < c; ++t) b[t] = bias ? bias[n0 + j + t] : 0.0f;
-      micro_any(r, c, x + m * ldx, ldx, buf + j * K, K, y + m * ldy + n0 + j, ldy, b);
-    }
-  }
-}
-
 // Group `idx` widened and rounded to bfloat16 (nearest even) into o[0 .. 32).
 template <int64_t F>
 inline void widen_bf16(const uint8_t* qs, const uint16_t* sc, int64_t idx, uint16_t* o) {
@@ -373,30 +348,14 @@ inline void micro_bf16_cols(int c, const uint16_t* x, int64_t ldx, const uint16_
   }
 }
 
-// Rows n0 .. n0 + nb of W (widened to bf16 into buf [nb, K]) times all M rows of bf16 x.
-template <int64_t F>
-void block_all_m_bf16(int64_t M, const uint16_t* x, int64_t ldx, const uint8_t* qs,
-                      const uint16_t* sc, int64_t n0, int64_t nb, int64_t K, const float* bias,
-                      float* y, int64_t ldy, uint16_t* buf) {
-  const int64_t groups = K / G;
-  for (int64_t r = 0; r < nb; ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      widen_bf16<F>(qs, sc, (n0 + r) * groups + g, buf + r * K + g * G);
-  float b[NR];
-  for (int64_t m = 0; m < M; m += MR) {
-    const int r = (int)(M - m < MR ? M - m : MR);
-    for (int64_t j = 0; j < nb; j += NR) {
-      const int c = (int)(nb - j < NR ? nb - j : NR);
-      for (int t = 0; t < c; ++t) b[t] = bias ? bias[n0 + j + t] : 0.0f;
-      const uint16_t* xm = x + m * ldx;
-      float* ym = y + m * ldy + n0 + j;
-      switch (r) {
-        case 4: micro_bf16_cols<4>(c, xm, ldx, buf + j * K, K, ym, ldy, b); break;
-        case 3: micro_bf16_cols<3>(c, xm, ldx, buf + j * K, K, ym, ldy, b); break;
-        case 2: micro_bf16_cols<2>(c, xm, ldx, buf + j * K, K, ym, ldy, b); break;
-        default: micro_bf16_cols<1>(c, xm, ldx, buf + j * K, K, ym, ldy, b); break;
-      }
-    }
+inline void micro_any(int r, int c, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K,
+                      float* y, int64_t ldy, const float* b) {
+  switch (r) {
+    case 4: micro_bf16_cols<4>(c, x, ldx, w, K, y, ldy, b); break;
+    case 3: micro_bf16_cols<3>(c, x, ldx, w, K, y, ldy, b); break;
+    case 2: micro_bf16_cols<2>(c, x, ldx, w, K, y, ldy, b); break;
+    case 1: micro_bf16_cols<1>(c, x, ldx, w, K, y, ldy, b); break;
+    default: break;
   }
 }
 #else
@@ -424,6 +383,77 @@ int threads_for(int64_t work, int64_t nthreads) {
   // Below ~64k multiply-adds a fork/join costs more than it saves.
   return work < (1 << 16) ? 1 : (int)(nthreads < 1 ? 1 : nthreads);
 }
+
+#if RKV_AVX2
+// Rows n0 .. n0 + nb of W widened into `buf` [nb, K]: float32, or bf16 (the bf16 blocked kernel).
+template <int64_t F>
+void widen_block(const uint8_t* qs, const uint16_t* sc, int64_t n0, int64_t nb, int64_t K,
+                 float* buf) {
+  const int64_t groups = K / G;
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      vf w[NV];
+      widen<F>(qs, sc, (n0 + r) * groups + g, w);
+      for (int j = 0; j < NV; ++j) vstore(buf + r * K + g * G + W * j, w[j]);
+    }
+}
+
+template <int64_t F>
+void widen_block(const uint8_t* qs, const uint16_t* sc, int64_t n0, int64_t nb, int64_t K,
+                 uint16_t* buf) {
+  const int64_t groups = K / G;
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      widen_bf16<F>(qs, sc, (n0 + r) * groups + g, buf + r * K + g * G);
+}
+
+// Rows n0 .. n0 + nb of W times all M rows of x (T: float, or bf16 bits with the bf16 blocked
+// kernel), through the widened buffer `buf` [nb, K] of the same type.
+template <int64_t F, typename T>
+void block_all_m(int64_t M, const T* x, int64_t ldx, const uint8_t* qs, const uint16_t* sc,
+                 int64_t n0, int64_t nb, int64_t K, const float* bias, float* y, int64_t ldy,
+                 T* buf) {
+  widen_block<F>(qs, sc, n0, nb, K, buf);
+  float b[NR];
+  for (int64_t m = 0; m < M; m += MR) {
+    const int r = (int)(M - m < MR ? M - m : MR);
+    for (int64_t j = 0; j < nb; j += NR) {
+      const int c = (int)(nb - j < NR ? nb - j : NR);
+      for (int t = 0; t < c; ++t) b[t] = bias ? bias[n0 + j + t] : 0.0f;
+      micro_any(r, c, x + m * ldx, ldx, buf + j * K, K, y + m * ldy + n0 + j, ldy, b);
+    }
+  }
+}
+
+// The blocked product for x of type T: blocks of NB weight rows (their float32 widening fits
+// BLOCK_BYTES; a bf16 block takes the same rows) split between the threads.
+template <typename T>
+int64_t blocked_product(int64_t fmt, int64_t M, int64_t N, int64_t K, const T* x, int64_t ldx,
+                        const uint8_t* qs, const uint16_t* sc, const float* bias, float* y,
+                        int64_t ldy, int64_t nthreads) {
+  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
+  if (M < 0 || N < 0 || K <= 0 || K % G != 0 || ldx < K || ldy < N) return BAD_SHAPE;
+  int64_t nb = (BLOCK_BYTES / 4 / K) / NR * NR;
+  if (nb < NR) nb = NR;  // wide K: the block spills to L2, still widened once for all M
+  const int64_t blocks = (N + nb - 1) / nb;
+  const int nt = threads_for(M * N * K, nthreads);
+  (void)nt;
+#pragma omp parallel num_threads(nt)
+  {
+    const std::unique_ptr<T[]> buf(new T[(size_t)(nb * K)]);  // no zero fill: widened over
+#pragma omp for schedule(static)
+    for (int64_t bi = 0; bi < blocks; ++bi) {
+      const int64_t n0 = bi * nb;
+      const int64_t rows = N - n0 < nb ? N - n0 : nb;
+      if (fmt == INT4)
+        block_all_m<INT4>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf.get());
+      else
+        block_all_m<INT8>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf.get());
+    }
+  }
+  return OK;
+}
+#endif
 
 }  // namespace
 
@@ -459,28 +489,7 @@ int64_t rkv_qgemm_blocked(int64_t fmt, int64_t M, int64_t N, int64_t K, const fl
                           int64_t ldx, const uint8_t* qs, const uint16_t* sc, const float* bias,
                           float* y, int64_t ldy, int64_t nthreads) {
 #if RKV_AVX2
-  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
-  if (M < 0 || N < 0 || K <= 0 || K % G != 0 || ldx < K || ldy < N) return BAD_SHAPE;
-  int64_t nb = (BLOCK_BYTES / 4 / K) / NR * NR;
-  if (nb < NR) nb = NR;  // wide K: the block spills to L2, still widened once for all M
-  const int64_t blocks = (N + nb - 1) / nb;
-  const int nt = threads_for(M * N * K, nthreads);
-  (void)nt;
-#pragma omp parallel num_threads(nt)
-  {
-    float* buf = new float[nb * K];
-#pragma omp for schedule(static)
-    for (int64_t bi = 0; bi < blocks; ++bi) {
-      const int64_t n0 = bi * nb;
-      const int64_t rows = N - n0 < nb ? N - n0 : nb;
-      if (fmt == INT4)
-        block_all_m<INT4>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf);
-      else
-        block_all_m<INT8>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf);
-    }
-    delete[] buf;
-  }
-  return OK;
+  return blocked_product<float>(fmt, M, N, K, x, ldx, qs, sc, bias, y, ldy, nthreads);
 #else
   return rkv_qgemm(fmt, M, N, K, x, ldx, qs, sc, bias, y, ldy, nthreads);
 #endif
@@ -493,27 +502,7 @@ int64_t rkv_qgemm_blocked_bf16(int64_t fmt, int64_t M, int64_t N, int64_t K, con
                                int64_t ldx, const uint8_t* qs, const uint16_t* sc,
                                const float* bias, float* y, int64_t ldy, int64_t nthreads) {
 #if RKV_BF16_BLOCKED
-  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
-  if (M < 0 || N < 0 || K <= 0 || K % G != 0 || ldx < K || ldy < N) return BAD_SHAPE;
-  int64_t nb = (BLOCK_BYTES / 4 / K) / NR * NR;  // as the float32 kernel: the same rows a block
-  if (nb < NR) nb = NR;
-  const int64_t blocks = (N + nb - 1) / nb;
-  const int nt = threads_for(M * N * K, nthreads);
-  (void)nt;
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<uint16_t> buf((size_t)(nb * K));
-#pragma omp for schedule(static)
-    for (int64_t bi = 0; bi < blocks; ++bi) {
-      const int64_t n0 = bi * nb;
-      const int64_t rows = N - n0 < nb ? N - n0 : nb;
-      if (fmt == INT4)
-        block_all_m_bf16<INT4>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf.data());
-      else
-        block_all_m_bf16<INT8>(M, x, ldx, qs, sc, n0, rows, K, bias, y, ldy, buf.data());
-    }
-  }
-  return OK;
+  return blocked_product<uint16_t>(fmt, M, N, K, x, ldx, qs, sc, bias, y, ldy, nthreads);
 #else
   (void)fmt; (void)M; (void)N; (void)K; (void)x; (void)ldx; (void)qs; (void)sc; (void)bias;
   (void)y; (void)ldy; (void)nthreads;
