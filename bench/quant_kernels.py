@@ -12,8 +12,13 @@ within each repetition so machine load hits them alike):
   (QuantLinear from GEMV_MAX_ROWS on);
 - widen16: the same in bfloat16 (x rounded too; QuantLinear's choice on CPUs with native bf16);
 - fp32: torch F.linear on a float32 weight (the unquantized model; needs 4.6x the bytes).
+With --bf16 (CPUs with AVX512-BF16), x in bfloat16 as a bf16 model runs it, the limits
+BF16X_BLOCKED_MIN_ROWS / BF16X_GEMV_MAX_ROWS: rows (x widened to float32), blocked16 (the
+vdpbf16ps blocked kernel), panel (the panel kernel), widen16 (bf16 widening + torch's GEMM) and
+onednn16 (oneDNN on a prepacked bf16 weight: the unquantized bf16 model's product), summed over
+the four layer products of one layer x 30 as well.
 Prints milliseconds and ratios; asserts nothing.
-Run: `.venv/bin/python bench/quant_kernels.py [--threads 1] [--rows 1,8,32,64,128,512]`.
+Run: `.venv/bin/python bench/quant_kernels.py [--threads 1] [--rows 1,8,32,64,128,512] [--bf16]`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,60 @@ import torch
 import torch.nn.functional as F
 
 from radixkv.model import quant_kernels
+from radixkv.model.layers import onednn_available, onednn_linear, onednn_pack
 from radixkv.model.quant import QuantLinear, quantize
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # qkv, gate_up, down, lm_head
+LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down
+
+
+def best_of(paths: dict, reps: int) -> dict[str, float]:
+    """Best wall time (ms) of each path, the paths interleaved within each repetition."""
+    best = dict.fromkeys(paths, float("inf"))
+    with torch.inference_mode():
+        for fn, fargs in paths.values():
+            fn(*fargs)
+        for _ in range(reps):
+            for name, (fn, fargs) in paths.items():
+                t = time.perf_counter()
+                fn(*fargs)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {k: v * 1e3 for k, v in best.items()}
+
+
+def bf16_table(rows: list[int], reps: int) -> None:
+    """bfloat16 x: the kernels QuantLinear picks between for a bf16 model (int4 weights)."""
+    if not quant_kernels.bf16_blocked():
+        raise SystemExit("--bf16 needs the AVX512-BF16 kernels (not built on this CPU)")
+    names = ["rows", "blocked16", "panel", "widen16"] + (["onednn16"] if onednn_available()
+                                                         else [])
+    print(f"{'shape':>12} {'M':>4} " + " ".join(f"{n + ' ms':>12}" for n in names) + "  best")
+    gen = torch.Generator().manual_seed(0)
+    weights = {s: torch.randn(*s, generator=gen) * 0.05 for s in LAYER}
+    for m in rows:
+        total = dict.fromkeys(names, 0.0)
+        for (n, k), w in weights.items():
+            qt = quantize(w, "int4")
+            widen16 = QuantLinear([qt], gemv_max_rows=0, gemm_dtype=torch.bfloat16, panel=False)
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            out = torch.empty(m, n)
+            args = ("int4", None, qt.qs, qt.scales, None, out)
+            paths = {"rows": (lambda a=args, x=x: quant_kernels.qgemm(*a[:1], x.float(),
+                                                                     *a[2:]), ()),
+                     "blocked16": (lambda a=args, x=x: quant_kernels.qgemm(
+                         a[0], x, *a[2:], blocked=True), ()),
+                     "panel": (lambda a=args, x=x: quant_kernels.qgemm(
+                         a[0], x, *a[2:], panel=True), ()),
+                     "widen16": (widen16, (x,))}
+            if "onednn16" in names:
+                paths["onednn16"] = (onednn_linear, (x, onednn_pack(w.bfloat16()), None))
+            best = best_of(paths, reps)
+            for name in names:
+                total[name] += best[name]
+            print(f"{n:>6}x{k:<5} {m:>4} " + " ".join(f"{best[nm]:>12.3f}" for nm in names)
+                  + f"  {min(names[:4], key=best.__getitem__)}", flush=True)
+        print(f"{'layer x 30':>12} {m:>4} " + " ".join(f"{30 * total[nm]:>12.1f}" for nm in names)
+              + f"  {min(names[:4], key=total.__getitem__)}", flush=True)
 
 
 def main() -> None:
@@ -37,6 +93,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,512")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--formats", default="int4,int8")
+    ap.add_argument("--bf16", action="store_true", help="the bf16-x table instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not quant_kernels.available():
@@ -45,6 +102,9 @@ def main() -> None:
                 if ln.startswith("model name")), "?")
     print(f"# {cpu}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, "
           f"simd={quant_kernels.simd()}")
+    if args.bf16:
+        bf16_table([int(r) for r in args.rows.split(",")], args.reps)
+        return
     print(f"{'shape':>12} {'fmt':>4} {'M':>4} {'rows ms':>8} {'blocked ms':>10} {'widen ms':>9} "
           f"{'bf16 w ms':>10} {'fp32 ms':>8}  best")
     gen = torch.Generator().manual_seed(0)
@@ -65,16 +125,8 @@ def main() -> None:
                                      (fmt, x, qt.qs, qt.scales, None, out, True)),
                          "widen": (widen, (x,)), "widen16": (widen16, (x,)),
                          "fp32": (F.linear, (x, wf))}
-                best = dict.fromkeys(paths, float("inf"))
-                with torch.inference_mode():
-                    for fn, fargs in paths.values():
-                        fn(*fargs)
-                    for _ in range(args.reps):
-                        for name, (fn, fargs) in paths.items():
-                            t = time.perf_counter()
-                            fn(*fargs)
-                            best[name] = min(best[name], time.perf_counter() - t)
-                r, b, wi, w16, f = (best[k_] * 1e3 for k_ in
+                best = best_of(paths, args.reps)
+                r, b, wi, w16, f = (best[k_] for k_ in
                                     ("rows", "blocked", "widen", "widen16", "fp32"))
                 win = min(("rows", "blocked", "widen", "widen16"), key=best.__getitem__)
                 print(f"{n:>6}x{k:<5} {fmt:>4} {m:>4} {r:>8.3f} {b:>10.3f} {wi:>9.3f} "

@@ -88,9 +88,14 @@ def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
             assert layer.kernel_for(m) == name
             close(layer(x), ref)
             close(layer(xs), F.linear(xs, w, bias))
-        # bf16 GEMM (the prefill path on CPUs with native bf16): within bf16 tolerance
-        layer = QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16)
-        bf16_close(layer(x), ref, x, w)
+        # bf16 GEMM (the prefill path on CPUs with native bf16; the panel kernel where built,
+        # and widening + torch's GEMM): within bf16 tolerance
+        for panel in (None, False):
+            layer = QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16,
+                                panel=panel)
+            assert layer.kernel_for(m) == ("packed-panel" if layer.panel
+                                           else "widen+gemm-bfloat16")
+            bf16_close(layer(x), ref, x, w)
 
 
 @needs_kernels
@@ -113,8 +118,8 @@ def test_bf16_blocked_kernel_matches_reference(fmt: str, n: int, k: int) -> None
         qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n], blocked=True)
         close(wide[:, 2:2 + n], ref)
         assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
-        layer = QuantLinear([qt], bias)  # default limits: bf16 x takes this kernel at 5-127 rows
-        want = "packed-gemv" if m < 5 else "packed-blocked"
+        layer = QuantLinear([qt], bias)  # default limits: bf16 x takes this kernel at 5-31 rows
+        want = "packed-gemv" if m < 5 else "packed-blocked" if m < 32 else "packed-panel"
         assert layer.kernel_for(m, dtype=torch.bfloat16) == want
         out = layer(x)
         assert out.dtype == torch.bfloat16
@@ -124,6 +129,36 @@ def test_bf16_blocked_kernel_matches_reference(fmt: str, n: int, k: int) -> None
     torch.testing.assert_close(QuantLinear([qt], bias)(xs).float(),
                                (xs.double() @ w16.T + bias.double()).float(),
                                atol=1e-5, rtol=2.0 ** -8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 64), (50, 576), (61, 1536), (300, 96)])
+def test_bf16_panel_kernel_matches_reference(fmt: str, n: int, k: int) -> None:
+    """The panel kernel (x repacked into K-pairs of 16 rows, outer-product vdpbf16ps tiles of
+    64 rows x 6 columns, W widened to bf16 in blocks of 48 rows): every tail of rows (M not a
+    multiple of 16 or 64) and columns (N not a multiple of 6 or 48), float32 and bf16 output,
+    into column slices; oracle: the float64 product of bf16 x and the bf16-rounded weight."""
+    if not qk.bf16_blocked():
+        pytest.skip("no AVX512-BF16 kernels here")
+    gen = torch.Generator().manual_seed(7 * n + k)
+    qt = random_quant(fmt, n, k, gen)
+    w16 = qt.dequantize().bfloat16().double()
+    bias = torch.randn(n, generator=gen)
+    for m in (0, 1, 15, 16, 17, 63, 64, 65, 130):
+        x = torch.randn(2 * m, k, generator=gen).bfloat16()[::2]  # row stride 2 K
+        for b in (bias, None):
+            ref = (x.double() @ w16.T + (0 if b is None else b.double())).float()
+            wide = torch.full((m, n + 5), 7.0)
+            qk.qgemm(fmt, x, qt.qs, qt.scales, b, wide[:, 2:2 + n], panel=True)
+            close(wide[:, 2:2 + n], ref)
+            assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
+            wide16 = torch.full((m, n + 3), 7.0).bfloat16()
+            qk.qgemm(fmt, x, qt.qs, qt.scales, b, wide16[:, 1:1 + n], panel=True)
+            # the float32 result rounded once to bf16 (nearest even)
+            torch.testing.assert_close(wide16[:, 1:1 + n].float(), ref.bfloat16().float(),
+                                       atol=1e-5, rtol=2.0 ** -7)
+            assert (wide16[:, :1] == 7).all() and (wide16[:, 1 + n:] == 7).all()
 
 
 def bf16_close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -147,8 +182,9 @@ def test_lm_head_tiles_and_whole_widening(fmt: str, monkeypatch: pytest.MonkeyPa
     x = torch.randn(70, 64, generator=gen)
     close(QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.float32)(x),
           F.linear(x, w, bias))
-    bf16_close(QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16)(x),
-               F.linear(x, w, bias), x, w)
+    for panel in (False, None):  # the widened tiles, and the panel kernel where built
+        layer = QuantLinear([qt], bias, gemv_max_rows=0, gemm_dtype=torch.bfloat16, panel=panel)
+        bf16_close(layer(x), F.linear(x, w, bias), x, w)
 
 
 @needs_kernels
@@ -162,9 +198,18 @@ def test_mixed_segments_and_half_activations() -> None:
     for m in (1, 5, 9, 40, 100):
         x = torch.randn(m, 64, generator=gen)
         close(layer(x), F.linear(x, w, layer.bias))
-    layer16 = QuantLinear([a, b, f], layer.bias, gemm_dtype=torch.bfloat16)
     x = torch.randn(100, 64, generator=gen)
-    bf16_close(layer16(x), F.linear(x, w, layer.bias), x, w)
+    for panel in (False, None):
+        layer16 = QuantLinear([a, b, f], layer.bias, gemm_dtype=torch.bfloat16, panel=panel)
+        bf16_close(layer16(x), F.linear(x, w, layer.bias), x, w)
+        if layer16.panel:  # bf16 x, and the bf16 result a caller with gemm_out takes
+            xb = x.bfloat16()
+            ref = F.linear(xb.float(), w, layer.bias)
+            layer16.gemm_out = True
+            for inp in (xb, x):
+                out = layer16(inp)
+                assert out.dtype == torch.bfloat16
+                torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=1.6e-2)
     xb = torch.randn(4, 64, generator=gen).bfloat16()
     out = layer(xb)
     assert out.dtype == torch.bfloat16
@@ -191,7 +236,9 @@ def test_kernel_choice_by_shape() -> None:
     assert d.kernel_for(1) == "packed-gemv"
     assert d.kernel_for(quant.BLOCKED_MIN_ROWS) == "packed-blocked"
     if native:
-        assert d.kernel_for(quant.GEMV_MAX_ROWS_BF16) == "widen+gemm-bfloat16"
+        assert d.kernel_for(quant.GEMV_MAX_ROWS_BF16) == (
+            "packed-panel" if qk.bf16_blocked() else "widen+gemm-bfloat16")
+        assert QuantLinear([qt], panel=False).kernel_for(512) == "widen+gemm-bfloat16"
     # without native bf16: the blocked kernel up to any M with AVX-512, fp32 GEMM from 64 else
     f32 = QuantLinear([qt], gemm_dtype=torch.float32)
     assert f32.gemv_max_rows == (1 << 62 if qk.width() >= 16 else quant.GEMV_MAX_ROWS_AVX2)
@@ -199,8 +246,8 @@ def test_kernel_choice_by_shape() -> None:
     if qk.bf16_blocked():
         assert d.limits(torch.bfloat16) == (quant.BF16X_BLOCKED_MIN_ROWS,
                                             quant.BF16X_GEMV_MAX_ROWS)
-        assert [d.kernel_for(m, dtype=torch.bfloat16) for m in (4, 5, 127, 128)] == [
-            "packed-gemv", "packed-blocked", "packed-blocked", "widen+gemm-bfloat16"]
+        assert [d.kernel_for(m, dtype=torch.bfloat16) for m in (4, 5, 31, 32, 512)] == [
+            "packed-gemv", "packed-blocked", "packed-blocked", "packed-panel", "packed-panel"]
     else:
         assert d.limits(torch.bfloat16) == d.limits(torch.float32)
     assert layer.limits(torch.bfloat16) == (4, 16)  # explicit limits hold for every dtype

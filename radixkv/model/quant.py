@@ -75,16 +75,22 @@ WIDEN_MAX_ELEMS = 1 << 22
 
 
 # bfloat16 x (a bf16 model) on CPUs with AVX512-BF16: the blocked kernel's vdpbf16ps variant
-# (csrc/qgemv.cpp `micro_bf16`) runs from 5 rows to below 128. Measured on a 2-core Zen 4 with
-# `bench/quant_kernels.py --threads 2` (30 layers of SmolLM2's four int4 products, ms): vs the
-# row kernel on x widened to float32, 1 row 6.3 vs 5.4, 2: 7.4 vs 7.0, 4: 7.8 vs 9.1, 8: 9.8 vs
-# 14.9; vs the float32 blocked kernel 16 rows 14.0 vs 31.6, 20: 15.8 vs 34.2; vs widening to bf16
-# + torch's GEMM 32 rows 23.7 vs 30.8, 64: 42.9 vs 52.5, 128: 78.4 vs 80.2, 256: 153.5 vs 150.2,
-# 512: 313.8 vs 275.3. It starts at 5 rows, not 4: up to 4 rows decode runs in the compiled
-# step (radixkv/model/decode_kernels.py) on the row kernel, and the layered forward must give
-# the same numbers for those batches (the bf16 kernel rounds the widened weight to bf16).
+# (csrc/qgemv.cpp `micro_bf16`) runs from 5 rows to below 32, the panel kernel (`micro_panel`:
+# outer-product tiles on x repacked into K-pairs, no horizontal sums) from 32 rows on, at every
+# M (it also takes float32 x rounded to bf16 where gemm_dtype is bf16, in place of widening the
+# whole weight for torch's GEMM). Measured on a 2-core Zen 4 with `bench/quant_kernels.py
+# --threads 2` (30 layers of SmolLM2's four int4 products, ms): vs the row kernel on x widened
+# to float32, 1 row 6.3 vs 5.4, 2: 7.4 vs 7.0, 4: 7.8 vs 9.1, 8: 9.8 vs 14.9; vs the float32
+# blocked kernel 16 rows 14.0 vs 31.6, 20: 15.8 vs 34.2. Blocked vs panel (the panel pads M to
+# a multiple of 16 rows): 16 rows 15.3 vs 16.1, 24: 19.7 vs 23.8, 32: 24.8 vs 24.3, 64: 45.4 vs
+# 44.5, 128: 85.7 vs 82.2, 512: 344 vs 337; widening to bf16 + torch's GEMM took 373 at 512, and
+# oneDNN's GEMM on a prepacked bf16 weight (the unquantized bf16 model) 277-297, level with the
+# panel's 295-337 (one core of the panel kernel: 79-88% of the vdpbf16ps peak). The bf16
+# kernels start at 5 rows, not 4: up to 4 rows decode runs in the compiled step
+# (radixkv/model/decode_kernels.py) on the row kernel, and the layered forward must give the
+# same numbers for those batches (the bf16 kernels round the widened weight to bf16).
 BF16X_BLOCKED_MIN_ROWS = 5
-BF16X_GEMV_MAX_ROWS = 128
+BF16X_GEMV_MAX_ROWS = 32  # from here: the panel kernel
 
 
 def blocked_min_rows_for(n: int, k: int) -> int:
@@ -279,18 +285,20 @@ class QuantLinear(nn.Module):
     The kernel is picked by the rows M of x at run time (see `kernel_for`; the limits are
     measured, module constants): M < `blocked_min_rows` runs the packed C++ row kernel, M <
     `gemv_max_rows` the packed blocked kernel (both widen weights in registers / L1 only);
-    larger M widens the weight (whole, or tile by tile for the vocab-sized LM head) into a reused
-    buffer and runs torch's GEMM on it, in bfloat16 where the CPU has native bf16 GEMMs
-    (`gemm_dtype`), else float32. The packed kernels take float32 activations (bf16 / fp16
-    inputs are upcast and the result rounded back), except bfloat16 x on CPUs with AVX512-BF16,
-    which has its own limits (`limits`): the blocked kernel's vdpbf16ps variant takes it as it
-    is from BF16X_BLOCKED_MIN_ROWS to below BF16X_GEMV_MAX_ROWS rows. Without the compiled
-    kernels, every M uses the torch reference (dequantize, then float32 matmul).
+    larger M runs in `gemm_dtype` (bfloat16 where the CPU has native bf16 GEMMs, else float32):
+    on CPUs with AVX512-BF16 the packed panel kernel (`panel`: x rounded to bf16, W widened to
+    bf16 block by block in L2), else the weight widened (whole, or tile by tile for the
+    vocab-sized LM head) into a reused buffer and torch's GEMM on it. The row and blocked
+    kernels take float32 activations (bf16 / fp16 inputs are upcast and the result rounded
+    back), except bfloat16 x on CPUs with AVX512-BF16, which has its own limits (`limits`): the
+    blocked kernel's vdpbf16ps variant takes it as it is from BF16X_BLOCKED_MIN_ROWS rows, the
+    panel kernel from BF16X_GEMV_MAX_ROWS. Without the compiled kernels, every M uses the torch
+    reference (dequantize, then float32 matmul).
     """
 
     def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
                  gemv_max_rows: int | None = None, blocked_min_rows: int | None = None,
-                 gemm_dtype: torch.dtype | None = None) -> None:
+                 gemm_dtype: torch.dtype | None = None, panel: bool | None = None) -> None:
         super().__init__()
         ks = {s.shape[1] for s in segments}
         if len(ks) != 1:
@@ -305,6 +313,9 @@ class QuantLinear(nn.Module):
         # the limits for bfloat16 x: explicit limits hold for every dtype; by default the
         # measured ones of the bf16 blocked kernel where it is built
         bf16_ok = quant_kernels.bf16_blocked() and self.gemm_dtype == torch.bfloat16
+        # products of gemv_max_rows rows or more: the panel kernel, where built (else widening
+        # + torch's GEMM; panel=False forces that, for A/B runs)
+        self.panel = bf16_ok if panel is None else bool(panel) and bf16_ok
         self.gemv_max_rows_bf16 = (gemv_max_rows if gemv_max_rows is not None
                                    else BF16X_GEMV_MAX_ROWS if bf16_ok else self.gemv_max_rows)
         self.blocked_min_rows_bf16 = (blocked_min_rows if blocked_min_rows is not None
@@ -361,14 +372,16 @@ class QuantLinear(nn.Module):
                    dtype: torch.dtype = torch.float32) -> str:
         """Which path a product with `m` rows of x in `dtype` takes: "packed-gemv" (the row
         kernel), "packed-blocked" (for bf16 x where built: its vdpbf16ps variant),
-        "widen+gemm-float32" / "widen+gemm-bfloat16", or "reference" (no compiled kernels, or
-        not on the CPU)."""
+        "packed-panel" (bf16 GEMM-sized products where built), "widen+gemm-float32" /
+        "widen+gemm-bfloat16", or "reference" (no compiled kernels, or not on the CPU)."""
         dev = device if device is not None else next(iter(self.buffers())).device
         if dev.type != "cpu" or not quant_kernels.available():
             return "reference"
         lo, hi = self.limits(dtype)
         if m < hi:
             return "packed-gemv" if m < lo else "packed-blocked"
+        if self.panel:
+            return "packed-panel"
         return f"widen+gemm-{str(self.gemm_dtype).replace('torch.', '')}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N]
@@ -379,7 +392,7 @@ class QuantLinear(nn.Module):
             return F.linear(x.float(), w, self.bias).to(x.dtype)
         lo, hi = self.limits(x.dtype)
         if m >= hi:
-            return self._gemm(x, segs)
+            return self._panel(x, segs) if self.panel else self._gemm(x, segs)
         blocked = m >= lo
         # bf16 x feeds the bf16 blocked kernel as it is (vdpbf16ps), else widened to float32
         keep16 = blocked and x.dtype == torch.bfloat16 and quant_kernels.bf16_blocked()
@@ -399,6 +412,28 @@ class QuantLinear(nn.Module):
                     quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked)
                 off += rows
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _panel(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
+        """GEMM-sized products on the panel kernel: x rounded to bf16 (as the widened GEMM rounds
+        it), the result written by the kernel in x's dtype (bf16 with `gemm_out`), float
+        segments through F.linear."""
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        if xb.stride(-1) != 1:
+            xb = xb.contiguous()
+        want = torch.bfloat16 if self.gemm_out else x.dtype
+        out_dt = want if want in (torch.float32, torch.bfloat16) else torch.float32
+        out = torch.empty(x.shape[0], self.out_features, dtype=out_dt)
+        off = 0
+        for seg, rows in zip(segs, self._rows, strict=True):
+            dst = out if len(segs) == 1 else out[:, off:off + rows]
+            bias = (None if self.bias is None
+                    else self.bias if len(segs) == 1 else self.bias[off:off + rows])
+            if isinstance(seg, torch.Tensor):
+                dst.copy_(F.linear(xb.float(), seg, bias))
+            else:
+                quant_kernels.qgemm(seg.fmt, xb, seg.qs, seg.scales, bias, dst, panel=True)
+            off += rows
+        return out if out.dtype == want else out.to(want)
 
     def _gemm(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
         """Prefill-sized products: the weight widened to `gemm_dtype` into the per-thread

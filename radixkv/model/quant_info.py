@@ -122,7 +122,8 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
                         and (lo, hi) != (lin.blocked_min_rows, lin.gemv_max_rows))
         into = "between products and into the blocked kernel; float32 in the row kernel" \
             if bf16_blocked else "between products; float32 in the packed kernels"
-        info["activations"] = (f"{model_dtype} {into}, {gemm} in the widened GEMM" if ready
+        big = "the panel kernel" if lin.panel else "the widened GEMM"
+        info["activations"] = (f"{model_dtype} {into}, {gemm} in {big}" if ready
                                else model_dtype)
         info["gemm_dtype"] = gemm if ready else "float32"
         blocked = ("packed int4/int8 blocked kernel, W widened to bf16 in L1, vdpbf16ps tiles "
@@ -134,8 +135,11 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
             f"{lo} <= M{upper}": blocked if ready else ref,
         }
         if hi < 1 << 40:
-            info["kernels"][f"M >= {hi}"] = (f"weight widened to {gemm} + torch GEMM" if ready
-                                             else ref)
+            info["kernels"][f"M >= {hi}"] = (
+                ref if not ready
+                else "packed int4/int8 panel kernel, x in bf16 K-pairs, W widened to bf16 in L2, "
+                     "outer-product vdpbf16ps tiles (C++ AVX512-BF16, OpenMP)" if lin.panel
+                else f"weight widened to {gemm} + torch GEMM")
     if report is not None:
         info["quant_report"] = report.summary()
     return info

@@ -64,6 +64,7 @@ _EXTRA_ARGS = {  # entry points declared on first use (beside those of `_LIB`)
     "rkv_qgemm_blocked": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_dequant_bf16": ["i64"] * 3 + ["ptr"] * 3 + ["i64"] * 2,
     "rkv_qgemm_blocked_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
+    "rkv_qgemm_panel_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 3,
 }
 
 
@@ -79,9 +80,9 @@ def _fn(lib: ctypes.CDLL, name: str) -> Any:
 
 
 def bf16_blocked() -> bool:
-    """True when the blocked kernel for bfloat16 x (vdpbf16ps tiles: AVX512-BF16) is built; then
-    `qgemm(..., blocked=True)` takes bf16 x as it is. (Read once at load: QuantLinear asks on
-    every forward.)"""
+    """True when the kernels for bfloat16 x (vdpbf16ps tiles: AVX512-BF16) are built; then
+    `qgemm(..., blocked=True)` and `qgemm(..., panel=True)` take bf16 x as it is. (Read once at
+    load: QuantLinear asks on every forward.)"""
     return available() and _bf16_blocked
 
 
@@ -98,28 +99,41 @@ def width() -> int:
 
 
 def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
-          bias: torch.Tensor | None, out: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+          bias: torch.Tensor | None, out: torch.Tensor, blocked: bool = False,
+          panel: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W.T (+ bias), W [N, K] packed as (qs, scales) in format `fmt`.
 
-    x: float32 with unit last stride, or bfloat16 with `blocked` where `bf16_blocked()`; out:
-    float32 [M, N] view with unit last stride (it may be a column slice of a wider tensor);
-    bias: float32 [N] or None. Caller checks shapes.
+    x: float32 with unit last stride, or bfloat16 with `blocked` or `panel` where
+    `bf16_blocked()`; out: float32 [M, N] view with unit last stride (it may be a column slice
+    of a wider tensor), or bfloat16 with `panel`; bias: float32 [N] or None. Caller checks
+    shapes.
     `blocked`: the kernel that widens blocks of W into L1 once for all M rows and runs a 4 x 3
     register tile over them (faster from a few rows on; for bf16 x, W widened to bf16 and
     vdpbf16ps tiles); else the row kernel, which widens each group in registers once per 8
     rows of x (fastest for decode's 1-4 rows).
+    `panel` (bf16 x only): the prefill-sized kernel, x repacked into K-pairs of 16 rows and
+    outer-product vdpbf16ps tiles (no horizontal sums), W widened to bf16 in L2-sized blocks.
     """
     lib = _LIB.get()
     assert lib is not None, "quant_kernels.qgemm called without available()"
     m, k = x.shape
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    if panel:
+        assert x.dtype == torch.bfloat16 and out.dtype in (torch.float32, torch.bfloat16)
+        code = _fn(lib, "rkv_qgemm_panel_bf16")(
+            FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0), qs.data_ptr(),
+            scales.data_ptr(), bias_ptr, out.data_ptr(), out.stride(0),
+            int(out.dtype == torch.bfloat16), torch.get_num_threads())
+        if code:
+            raise RuntimeError(f"rkv_qgemm_panel_bf16 failed with code {code}")
+        return out
     if x.dtype == torch.bfloat16:
         assert blocked, "bf16 x needs the blocked kernel"
         fn = _fn(lib, "rkv_qgemm_blocked_bf16")
     else:
         fn = _fn(lib, "rkv_qgemm_blocked") if blocked else lib.rkv_qgemm
     code = fn(FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0),
-              qs.data_ptr(), scales.data_ptr(),
-              bias.data_ptr() if bias is not None else None,
+              qs.data_ptr(), scales.data_ptr(), bias_ptr,
               out.data_ptr(), out.stride(0), torch.get_num_threads())
     if code:
         raise RuntimeError(f"rkv_qgemm failed with code {code}")
