@@ -10,7 +10,9 @@ re-quantized to int8 groups at load), against float32 (the GGUF widened at load)
 Teacher-forced logits and perplexity come from one forward over whole sequences, so they use
 the prefill path (the weight widened + a GEMM, in bfloat16 on CPUs with native bf16: those
 modes are also run with a float32 GEMM); the free-running continuations use the packed decode
-kernels.
+kernels. A second table repeats agreement, logit error and perplexity through decode steps
+(the prompt prefilled, then one token per step in batches of 4, as the compiled decode step
+runs them: the packed row kernels, on int16-quantized x where `x16` is on).
 Prints a table; asserts nothing. Run: `.venv/bin/python bench/quant_fidelity.py [--quick]`.
 """
 
@@ -97,6 +99,37 @@ def teacher_forced(lm, prompts: list[list[int]], conts: list[list[int]]) -> torc
     return torch.stack(out)
 
 
+def decode_forced(lm, prefixes: list[list[int]], conts: list[list[int]],
+                  batch: int = 4) -> torch.Tensor:
+    """Logits [B, T, vocab] predicting each continuation token given the float32 history, the
+    first from the prefix's prefill and the rest from decode steps of up to `batch` rows."""
+    c = lm.config
+    n = sum(len(p) + len(t) for p, t in zip(prefixes, conts, strict=True))
+    pool = TokenToKVPool(n + 1, c.num_layers, c.num_kv_heads, c.head_dim, dtype=lm.dtype)
+    out = []
+    with torch.inference_mode():
+        for b0 in range(0, len(prefixes), batch):
+            ps, cs = prefixes[b0:b0 + batch], conts[b0:b0 + batch]
+            slots = [pool.alloc(len(p)) for p in ps]
+            ctx = build_forward_context(pool, slots, None, logits="last")
+            with forward_context(ctx):
+                steps = [lm.model(torch.tensor([t for p in ps for t in p]))]
+            for t in range(len(cs[0]) - 1):
+                new = [pool.alloc(1) for _ in ps]
+                ctx = build_forward_context(pool, new, slots, logits="last")
+                with forward_context(ctx):
+                    steps.append(lm.model(torch.tensor([cc[t] for cc in cs])))
+                slots = [torch.cat([s, x]) for s, x in zip(slots, new, strict=True)]
+            out.append(torch.stack(steps, 1))  # [b, T, V]
+    return torch.cat(out)
+
+
+def decode_perplexity(lm, ids: list[int]) -> float:
+    logits = decode_forced(lm, [ids[:1]], [ids[1:]])[0]  # predicting ids[1:]
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return math.exp(float(-logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).mean()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a .gguf (default: SmolLM2-135M Q4_1)")
@@ -120,6 +153,7 @@ def main() -> None:
     t = time.perf_counter()
     ref_llm = LLM(base, max_total_tokens=16384)
     conts = [o.outputs[0].token_ids for o in ref_llm.generate(prompts, greedy)]
+    ref_llm.shutdown()
     ref = teacher_forced(base, prompts, conts)  # [B, T, V]
     top2 = ref.topk(2, dim=-1).values
     tie = (top2[..., 0] - top2[..., 1]) < args.tie  # [B, T]
@@ -127,6 +161,8 @@ def main() -> None:
     print(f"# float32 reference: {time.perf_counter() - t:.0f} s; {len(text_ids)} text tokens; "
           f"{int(tie.sum())} of {tie.numel()} positions are near ties (margin < {args.tie})")
     rows = [("float32", "-", "-", "-", "-", "-", f"{ppl_ref:.4f}", "-")]
+    ppl_dec_ref = decode_perplexity(base, text_ids)
+    drows = [decode_row("float32", base, prompts, conts, ref, tie, ppl_dec_ref, ppl_dec_ref)]
     # each mode as LLM(quantization=mode) runs it (dtype "auto": bf16 activations where the CPU
     # has native bf16), and there also in float32 with the float32 prefill GEMM, for scale
     variants: list[tuple[str, torch.dtype | None, str]] = [
@@ -142,8 +178,9 @@ def main() -> None:
         logits = teacher_forced(lm, prompts, conts)
         agree = logits.argmax(-1) == ref.argmax(-1)
         err = (logits - ref).abs()
-        own = [o.outputs[0].token_ids for o in LLM(lm, max_total_tokens=16384).generate(prompts,
-                                                                                greedy)]
+        llm = LLM(lm, max_total_tokens=16384)
+        own = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
+        llm.shutdown()
         same = sum(a == b for a, b in zip(own, conts, strict=True))
         ppl = perplexity(lm, text_ids)
         rows.append((name, f"{float(agree[~tie].float().mean()):.4f}",
@@ -151,10 +188,34 @@ def main() -> None:
                      f"{same}/{len(prompts)}", f"{float(err.max()):.4f}",
                      f"{float(err.mean()):.5f}", f"{ppl:.4f}",
                      f"{(ppl / ppl_ref - 1) * 100:+.2f}%"))
+        drows.append(decode_row(name, lm, prompts, conts, ref, tie,
+                                decode_perplexity(lm, text_ids), ppl_dec_ref))
         print(f"# {name}: weight bytes {lm.kernel_info()['weight_bytes'] / 1e6:.1f} MB vs "
               f"float32 {base.kernel_info()['weight_bytes'] / 1e6:.1f} MB", flush=True)
     head = ("mode", "agree(non-tie)", "agree(ties)", "same seqs", "max |dlogit|",
             "mean |dlogit|", "perplexity", "ppl vs fp32")
+    table(head, rows)
+    print("# through decode steps (batches of 4; the float32 row: its decode path against its "
+          "prefill path)")
+    table(("mode", "decode kernel", "agree(non-tie)", "agree(ties)", "max |dlogit|",
+           "mean |dlogit|", "perplexity", "ppl vs fp32 decode"), drows)
+
+
+def decode_row(name: str, lm, prompts, conts, ref: torch.Tensor, tie: torch.Tensor,
+               ppl: float, ppl_ref: float) -> tuple[str, ...]:
+    logits = decode_forced(lm, prompts, conts)[:, 1:]  # the decode steps' predictions
+    r, t = ref[:, 1:], tie[:, 1:]
+    agree = logits.argmax(-1) == r.argmax(-1)
+    err = (logits - r).abs()
+    kernel = lm.model.decode_step.kinds if lm.model.decode_step is not None else {"layered"}
+    x16 = any(getattr(m, "x16", False) for m in lm.model.modules())
+    return (name, "+".join(sorted(kernel)) + (" (x16)" if x16 else ""),
+            f"{float(agree[~t].float().mean()):.4f}", f"{int(agree[t].sum())}/{int(t.sum())}",
+            f"{float(err.max()):.4f}", f"{float(err.mean()):.5f}", f"{ppl:.4f}",
+            f"{(ppl / ppl_ref - 1) * 100:+.2f}%")
+
+
+def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(c).rjust(w) for c, w in zip(r, widths, strict=True)))

@@ -17,8 +17,13 @@ BF16X_BLOCKED_MIN_ROWS / BF16X_GEMV_MAX_ROWS: rows (x widened to float32), block
 vdpbf16ps blocked kernel), panel (the panel kernel), widen16 (bf16 widening + torch's GEMM) and
 onednn16 (oneDNN on a prepacked bf16 weight: the unquantized bf16 model's product), summed over
 the four layer products of one layer x 30 as well.
+With --decode, decode-sized products over 30 distinct layers (int4, 66 MB of weights: as a
+decode step reads them, from memory rather than cache) plus the int8 LM head: the float32 row
+kernel against the int16-activation row kernel (X16_MAX_ROWS, on by default on AVX2-only CPUs),
+with the weight bytes read per second.
 Prints milliseconds and ratios; asserts nothing.
-Run: `.venv/bin/python bench/quant_kernels.py [--threads 1] [--rows 1,8,32,64,128,512] [--bf16]`.
+Run: `.venv/bin/python bench/quant_kernels.py [--threads 1] [--rows 1,8,32,64,128,512]
+[--bf16 | --decode]`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from radixkv.model.quant import QuantLinear, quantize
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # qkv, gate_up, down, lm_head
 LAYER = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate_up, down
+ROWS = "1,2,4,8,16,32,64,128,512"
 
 
 def best_of(paths: dict, reps: int) -> dict[str, float]:
@@ -87,13 +93,57 @@ def bf16_table(rows: list[int], reps: int) -> None:
               + f"  {min(names[:4], key=total.__getitem__)}", flush=True)
 
 
+def decode_table(rows: list[int], reps: int) -> None:
+    """Float32 x on the row kernel vs the int16-activation row kernel, decode-sized M."""
+    if not quant_kernels.simd():
+        raise SystemExit("--decode needs the SIMD build of the kernels")
+    gen = torch.Generator().manual_seed(0)
+    layers = [[quantize(torch.randn(*s, generator=gen) * 0.05, "int4") for s in LAYER]
+              for _ in range(30)]
+    head = quantize(torch.randn(49152, 576, generator=gen) * 0.05, "int8")
+    nbytes = sum(q.qs.numel() + 2 * q.scales.numel() for ly in layers for q in ly)
+    hbytes = head.qs.numel() + 2 * head.scales.numel()
+    print(f"# 30 layers x {len(LAYER)} int4 products ({nbytes / 1e6:.1f} MB), int8 LM head "
+          f"({hbytes / 1e6:.1f} MB)")
+    print(f"{'M':>3} {'rows ms':>9} {'x16 ms':>9} {'x16 GB/s':>9} {'x16 / rows':>10} "
+          f"{'head rows':>10} {'head x16':>9}")
+    # the entry points called straight through ctypes with prebuilt arguments, as the compiled
+    # decode step calls them (QuantLinear's per-call argument handling would add ~10 us each)
+    lib = quant_kernels._LIB.get()
+    fns = {False: lib.rkv_qgemm, True: quant_kernels._fn(lib, "rkv_qgemm_x16")}
+    nt = torch.get_num_threads()
+    for m in rows:
+        xs = {k: torch.randn(m, k, generator=gen) for k in {k for _, k in LAYER}}
+        outs = {n: torch.empty(m, n) for n, _ in LAYER}
+        calls = [(quant_kernels.FORMATS["int4"], m, n, k, xs[k].data_ptr(), k, q.qs.data_ptr(),
+                  q.scales.data_ptr(), None, outs[n].data_ptr(), n, nt)
+                 for ly in layers for q, (n, k) in zip(ly, LAYER, strict=True)]
+        hx, hout = torch.randn(m, 576, generator=gen), torch.empty(m, 49152)
+        hcall = [(quant_kernels.FORMATS["int8"], m, 49152, 576, hx.data_ptr(), 576,
+                  head.qs.data_ptr(), head.scales.data_ptr(), None, hout.data_ptr(), 49152, nt)]
+
+        def run(x16: bool, calls: list = calls) -> None:
+            fn = fns[x16]
+            for a in calls:
+                fn(*a)
+
+        best = best_of({"rows": (run, (False,)), "x16": (run, (True,)),
+                        "head rows": (run, (False, hcall)), "head x16": (run, (True, hcall))},
+                       reps)
+        print(f"{m:>3} {best['rows']:>9.2f} {best['x16']:>9.2f} "
+              f"{nbytes / best['x16'] / 1e6:>9.1f} {best['rows'] / best['x16']:>9.2f}x "
+              f"{best['head rows']:>10.2f} {best['head x16']:>9.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,512")
+    ap.add_argument("--rows", default=ROWS)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--formats", default="int4,int8")
     ap.add_argument("--bf16", action="store_true", help="the bf16-x table instead")
+    ap.add_argument("--decode", action="store_true",
+                    help="the decode table (row kernel vs int16-activation kernel) instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not quant_kernels.available():
@@ -104,6 +154,10 @@ def main() -> None:
           f"simd={quant_kernels.simd()}")
     if args.bf16:
         bf16_table([int(r) for r in args.rows.split(",")], args.reps)
+        return
+    if args.decode:
+        decode_table([int(r) for r in args.rows.split(",")] if args.rows != ROWS
+                     else [1, 2, 3, 4, 5, 8], args.reps)
         return
     print(f"{'shape':>12} {'fmt':>4} {'M':>4} {'rows ms':>8} {'blocked ms':>10} {'widen ms':>9} "
           f"{'bf16 w ms':>10} {'fp32 ms':>8}  best")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from radixkv.errors import ConfigError
-from radixkv.model import load_model, validate_quantization
+from radixkv.model import load_model, quant, validate_quantization
 from radixkv.model import quant_kernels as qk
 from radixkv.model.quant import (
     GROUP,
@@ -70,7 +70,7 @@ def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
         qk.dequantize(fmt, qt.qs, qt.scales, k, dtype=torch.bfloat16).view(torch.int16).numpy(),
         w.bfloat16().view(torch.int16).numpy())
     big = 1 << 30
-    paths = {"packed-gemv": dict(gemv_max_rows=big, blocked_min_rows=big),
+    paths = {"packed-gemv": dict(gemv_max_rows=big, blocked_min_rows=big, x16=False),
              "packed-blocked": dict(gemv_max_rows=big, blocked_min_rows=0),
              "widen+gemm-float32": dict(gemv_max_rows=0, gemm_dtype=torch.float32)}
     for m in (0, 1, 2, 3, 4, 5, 7, 8, 9, 13, 17, 70):
@@ -168,11 +168,76 @@ def bf16_close(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.T
     assert out.dtype == ref.dtype and ((out - ref).abs() <= bound).all()
 
 
+def x16_reference(x: torch.Tensor, qt: QuantTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int16-activation product computed from its definition in float64: x quantized per
+    group of 32 (dx = max|x| / 32767, xq = round(x * (32767 / max|x|)), half to even), integer dot
+    products with the codes, scaled by d * dx, plus m * sum(x) for int4; and the bound on its
+    distance to the exact product, sum_k |w_k| * dx_g(k) / 2 (x's rounding error)."""
+    m, k = x.shape
+    g = k // GROUP
+    xg = x.reshape(m, g, GROUP)
+    top = xg.abs().amax(-1)  # [M, G]
+    inv = torch.where(top > 0, 32767.0 / top, torch.zeros_like(top))  # float32, as the kernel
+    xq = torch.round(xg * inv[..., None]).double()  # [M, G, 32]
+    dx = (top / 32767.0).double()
+    if qt.fmt == "int4":
+        q = torch.stack([qt.qs & 15, qt.qs >> 4], 2).reshape(-1, g, GROUP).double()
+        d, mins = qt.scales[..., 0].double(), qt.scales[..., 1].double()  # [N, G]
+    else:
+        q, d, mins = qt.qs.double(), qt.scales.double(), None
+    dots = torch.einsum("mgj,ngj->mng", xq, q)
+    ref = torch.einsum("mng,ng,mg->mn", dots, d, dx)
+    if mins is not None:
+        ref += torch.einsum("ng,mg->mn", mins, xg.double().sum(-1))
+    w = qt.dequantize().double().reshape(-1, g, GROUP)
+    bound = torch.einsum("ngj,mg->mn", w.abs(), dx) / 2
+    return ref, bound
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 64), (130, 96), (64, 1536)])
+def test_x16_row_kernel_matches_reference(fmt: str, n: int, k: int) -> None:
+    """The row kernel on int8-quantized x: equal to the float64 product of its definition up to
+    float32 summation, and within x's rounding bound of the exact float product."""
+    if not qk.simd():
+        pytest.skip("the x16 kernel is part of the SIMD build")
+    gen = torch.Generator().manual_seed(7 * n + k)
+    qt = random_quant(fmt, n, k, gen)
+    w = qt.dequantize()
+    bias = torch.randn(n, generator=gen)
+    for m in (1, 2, 3, 4, 5, 7, 9):
+        x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 4
+        x[0, :GROUP] = 0.0  # an all-zero group: scale 0
+        ref, bound = x16_reference(x, qt)
+        wide = torch.full((m, n + 5), 7.0)
+        qk.qgemm(fmt, x, qt.qs, qt.scales, bias, wide[:, 2:2 + n], x16=True)
+        out = wide[:, 2:2 + n]
+        assert (wide[:, :2] == 7).all() and (wide[:, 2 + n:] == 7).all()
+        # float32 sums of terms of magnitude |w| |x|: their rounding, relative to that mass
+        mass = F.linear(x.abs().double(), w.abs().double()) + bias.abs().double()
+        slack = 1e-5 * mass + 1e-6
+        assert ((out.double() - (ref + bias.double())).abs() <= slack).all()
+        exact = F.linear(x.double(), w.double(), bias.double())
+        assert ((out.double() - exact).abs() <= bound + slack).all()
+        xs = torch.cat([x, x], 1)[:, :k]  # strided rows
+        layer = QuantLinear([qt], bias, x16=True)
+        if m <= quant.X16_MAX_ROWS:
+            assert layer.kernel_for(m) == "packed-gemv-x16"
+        want = ref if m <= quant.X16_MAX_ROWS else F.linear(x, w).double()
+        assert ((layer(xs).double() - (want + bias.double())).abs() <= slack).all()
+    x = torch.randn(3, k, generator=gen)
+    x[1, 5] = float("nan")
+    x[2, -1] = float("inf")
+    out = torch.empty(3, n)
+    qk.qgemm(fmt, x, qt.qs, qt.scales, None, out, x16=True)
+    assert out[0].isfinite().all() and out[1].isnan().all() and not out[2].isfinite().any()
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 def test_lm_head_tiles_and_whole_widening(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A weight past WIDEN_MAX_ELEMS goes tile by tile (uneven last tile), in both GEMM dtypes."""
-    import radixkv.model.quant as quant
 
     monkeypatch.setattr(quant, "WIDEN_MAX_ELEMS", 64 * 64)
     monkeypatch.setattr(quant, "TILE_ELEMS", 23 * 64)  # tiles of 23 rows
@@ -193,7 +258,8 @@ def test_mixed_segments_and_half_activations() -> None:
     gen = torch.Generator().manual_seed(3)
     a, b = random_quant("int4", 24, 64, gen), random_quant("int8", 10, 64, gen)
     f = torch.randn(6, 64, generator=gen)
-    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen), gemm_dtype=torch.float32)
+    layer = QuantLinear([a, b, f], torch.randn(40, generator=gen), gemm_dtype=torch.float32,
+                        x16=False)
     w = torch.cat([a.dequantize(), b.dequantize(), f])
     for m in (1, 5, 9, 40, 100):
         x = torch.randn(m, 64, generator=gen)
@@ -219,13 +285,21 @@ def test_mixed_segments_and_half_activations() -> None:
 
 @needs_kernels
 def test_kernel_choice_by_shape() -> None:
-    import radixkv.model.quant as quant
 
     qt = random_quant("int4", 8, 32, torch.Generator().manual_seed(0))
-    layer = QuantLinear([qt], gemv_max_rows=16, blocked_min_rows=4, gemm_dtype=torch.float32)
+    layer = QuantLinear([qt], gemv_max_rows=16, blocked_min_rows=4, gemm_dtype=torch.float32,
+                        x16=False)
     assert [layer.kernel_for(m) for m in (1, 3, 4, 15, 16, 512)] == [
         "packed-gemv", "packed-gemv", "packed-blocked", "packed-blocked",
         "widen+gemm-float32", "widen+gemm-float32"]
+    # the int16-activation row kernel: up to X16_MAX_ROWS rows of the row kernel's range, by
+    # default exactly where measured faster (AVX2 builds without AVX-512)
+    assert quant.default_x16() == (qk.simd() and qk.width() == 8)
+    if qk.simd():
+        x16 = QuantLinear([qt], gemv_max_rows=16, blocked_min_rows=8, x16=True)
+        rows = (1, quant.X16_MAX_ROWS, quant.X16_MAX_ROWS + 1, 8)
+        assert [x16.kernel_for(m) for m in rows] == [
+            "packed-gemv-x16", "packed-gemv-x16", "packed-gemv", "packed-blocked"]
     assert layer.kernel_for(1, torch.device("meta")) == "reference"
     # the defaults: the measured limits, bf16 GEMMs exactly where the CPU has native bf16
     d = QuantLinear([qt])
@@ -233,7 +307,7 @@ def test_kernel_choice_by_shape() -> None:
     assert d.gemm_dtype == (torch.bfloat16 if native else torch.float32)
     assert d.gemv_max_rows == quant.gemv_max_rows_for(d.gemm_dtype)
     assert d.blocked_min_rows == quant.BLOCKED_MIN_ROWS < d.gemv_max_rows
-    assert d.kernel_for(1) == "packed-gemv"
+    assert d.kernel_for(1) == ("packed-gemv-x16" if d.x16 else "packed-gemv")
     assert d.kernel_for(quant.BLOCKED_MIN_ROWS) == "packed-blocked"
     if native:
         assert d.kernel_for(quant.GEMV_MAX_ROWS_BF16) == (
@@ -247,7 +321,8 @@ def test_kernel_choice_by_shape() -> None:
         assert d.limits(torch.bfloat16) == (quant.BF16X_BLOCKED_MIN_ROWS,
                                             quant.BF16X_GEMV_MAX_ROWS)
         assert [d.kernel_for(m, dtype=torch.bfloat16) for m in (4, 5, 31, 32, 512)] == [
-            "packed-gemv", "packed-blocked", "packed-blocked", "packed-panel", "packed-panel"]
+            "packed-gemv-x16" if d.x16 else "packed-gemv", "packed-blocked", "packed-blocked",
+            "packed-panel", "packed-panel"]
     else:
         assert d.limits(torch.bfloat16) == d.limits(torch.float32)
     assert layer.limits(torch.bfloat16) == (4, 16)  # explicit limits hold for every dtype
@@ -294,8 +369,15 @@ def test_gguf_blocks_match_gguf_dequantize(name: str) -> None:
         wt = torch.from_numpy(want)
         for m in (1, 5, 40, 100):  # row kernel, blocked kernel, widened GEMM
             x = torch.randn(m, 128)
-            close(QuantLinear([qt], gemm_dtype=torch.float32)(x), x @ wt.T)
-            bf16_close(QuantLinear([qt], gemm_dtype=torch.bfloat16)(x), x @ wt.T, x, wt)
+            close(QuantLinear([qt], gemm_dtype=torch.float32, x16=False)(x), x @ wt.T)
+            bf16_close(QuantLinear([qt], gemm_dtype=torch.bfloat16, x16=False)(x), x @ wt.T, x,
+                       wt)
+            if qk.simd() and m <= quant.X16_MAX_ROWS:  # the int16-activation row kernel
+                ref, bound = x16_reference(x, qt)
+                got = QuantLinear([qt], x16=True)(x).double()
+                slack = 1e-5 * (x.abs() @ wt.abs().T).double() + 1e-6
+                assert ((got - ref).abs() <= slack).all()
+                assert ((got - (x @ wt.T).double()).abs() <= bound + slack).all()
     assert from_gguf_blocks(np.zeros(8, np.uint8), "F16", (2, 2)) is None
 
 
@@ -345,10 +427,20 @@ def _greedy_agree(a: list[int], b: list[int], logits: torch.Tensor, tol: float) 
             return
 
 
+@pytest.mark.parametrize("x16", ["0", "1"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_gguf_quantized_end_to_end(tmp_path: Path, arch: str) -> None:
+def test_tiny_gguf_quantized_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        arch: str, x16: str) -> None:
+    """Float products: logits equal to the float model's to 1e-4 and greedy equal within near
+    ties. With the int16-activation decode kernel (x16): the prefill is unchanged, each decode
+    step's logits stay within 0.1% of the logit range of the float run's, and greedy tokens
+    agree until a step whose float top-2 margin is below twice the deviation seen there (the
+    only place x's 16-bit rounding can flip a token)."""
     import gguf
 
+    if x16 == "1" and not qk.simd():
+        pytest.skip("the x16 kernel is part of the SIMD build")
+    monkeypatch.setenv("RADIXKV_QUANT_X16", x16)
     Q = gguf.GGMLQuantizationType
     hf = make_tiny_hf(tmp_path / "hf", arch)
     write_tiny_gguf(tmp_path / "m.gguf", hf, arch, [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16, Q.F32])
@@ -362,9 +454,16 @@ def test_tiny_gguf_quantized_end_to_end(tmp_path: Path, arch: str) -> None:
     ours, _ = PagedRunner(q.model, q.config).forward(PROMPTS, logits="all")
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
     out_f, lf = PagedRunner(f.model, f.config).greedy(PROMPTS, 12)
-    out_q, _ = PagedRunner(q.model, q.config).greedy(PROMPTS, 12)
+    out_q, lq = PagedRunner(q.model, q.config).greedy(PROMPTS, 12)
     for b in range(len(PROMPTS)):
-        _greedy_agree(out_f[b], out_q[b], lf[:, b], tol=1e-3)
+        if x16 == "0":
+            _greedy_agree(out_f[b], out_q[b], lf[:, b], tol=1e-3)
+            continue
+        same = next((i for i, (x, y) in enumerate(zip(out_f[b], out_q[b], strict=True))
+                     if x != y), len(out_f[b]) - 1)
+        dev = float((lq[:same + 1, b] - lf[:same + 1, b]).abs().max())  # same history so far
+        assert dev <= 1e-3 * float(lf[:, b].max() - lf[:, b].min()), dev
+        _greedy_agree(out_f[b], out_q[b], lf[:, b], tol=2 * dev + 1e-3)
 
 
 # ---- settings ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 from radixkv.attention import cpu_kernels
 from radixkv.errors import InvalidSlotError
 from radixkv.model import quant_kernels, swiglu_kernels
-from radixkv.model.quant import QuantLinear, QuantTensor
+from radixkv.model.quant import X16_MAX_ROWS, QuantLinear, QuantTensor
 from radixkv.native_build import RECORD, LazyLibrary
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ _LIB = LazyLibrary(_SRC, what="the CPU decode step", fallback="using the layered
                    flag_sets=_FLAG_SETS)
 
 MAX_ROWS = 4  # rows (requests) per step the kernel handles; more go to the layered forward
+# the step's quantized products take the x16 row kernel for all its rows, as the layered one does
+assert X16_MAX_ROWS >= MAX_ROWS
 _CODE = {torch.float32: 0, torch.bfloat16: 1}
 _LIN = "8q"  # struct Lin: weight, bias, O, K, kind, fmt, qs, scales
 _TILES, _QGEMM, _DENSE = 0, 1, 2  # Lin.kind
@@ -121,6 +123,7 @@ class DecodeStep:
         self._attn = cpu_kernels.decode_function()
         self._keep: list[torch.Tensor] = []
         self.kinds: set[str] = set()  # how its products read weights (see `_KIND_NAMES`)
+        self._qgemm = 0  # rkv_qgemm or rkv_qgemm_x16 (quant_kernels.qgemm_function)
 
     @classmethod
     def build(cls, model: LlamaForCausalLM) -> DecodeStep | None:
@@ -149,11 +152,14 @@ class DecodeStep:
             return (int(torch.ops.mkldnn.data_ptr(w)), 0 if bias is None else bias.data_ptr(),
                     shape[0], shape[1], _TILES, 0, 0, 0)
 
+        x16s: set[bool] = set()  # the step calls one row kernel for every quantized product
+
         def quant(m: QuantLinear) -> tuple[int, ...] | None:
             segs = m.segments()
             if (len(segs) != 1 or not isinstance(segs[0], QuantTensor)
-                    or quant_kernels.qgemm_function() == 0):
+                    or quant_kernels.qgemm_function(m.x16) == 0):
                 return None
+            x16s.add(m.x16)
             seg = segs[0]
             bias = 0
             if m.bias is not None:
@@ -198,9 +204,11 @@ class DecodeStep:
         else:
             head = dense(model.embed_tokens.weight if model.lm_head is None
                          else model.lm_head.weight, None)
-        if head is None:
+        if head is None or len(x16s) > 1:
             return None
         step = cls(model, lins, norms, head)
+        # every product with 1-4 rows here, as the layered forward's (X16_MAX_ROWS >= MAX_ROWS)
+        step._qgemm = quant_kernels.qgemm_function(x16s.pop() if x16s else False)
         step._keep = keep
         step.kinds = {_KIND_NAMES[f[4]] for f in (*lins, head)}
         return step
@@ -248,7 +256,7 @@ class DecodeStep:
             pool.k_buffers[0].shape[0], indptr.data_ptr(), indices.data_ptr(),
             indices.shape[0], self.model.norm.weight.data_ptr(), *self._head,
             logits.data_ptr(), self.eps, self.sm_scale, torch.get_num_threads(), self._attn,
-            quant_kernels.qgemm_function(), swiglu_kernels.function())
+            self._qgemm, swiglu_kernels.function())
         code = self._lib.rkv_decode_step(args)
         if code in (2, 3):
             raise InvalidSlotError("decode step: "

@@ -15,6 +15,7 @@ do, and the error is reported).
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,23 @@ WIDEN_MAX_ELEMS = 1 << 22
 BF16X_BLOCKED_MIN_ROWS = 5
 BF16X_GEMV_MAX_ROWS = 32  # from here: the panel kernel
 
+# AVX2-only CPUs: up to X16_MAX_ROWS rows the row kernel runs on x quantized to int16 per group
+# of 32 (csrc/qgemv.cpp `tile_x16`: integer dot products, vpmaddwd), where the float32 row
+# kernel is bound by widening nibbles to floats, not by bytes. Measured on a 2-core Zen 3 (EPYC,
+# AVX2, no AVX-512) with `bench/quant_kernels.py --decode --threads 2`: 30 layers of SmolLM2's
+# four int4 products (66 MB, distinct per layer) + the int8 LM head, ms, row kernel vs x16:
+#   rows   1            2            3            4            5            8
+#   layers 8.49 / 6.34  10.03 / 8.64  9.92 / 9.30  10.66 / 10.60  11.80 / 14.88  21.1 / 24.4
+#   head   1.57 / 1.33  1.95 / 1.74   2.47 / 1.82  2.66 / 1.92    2.84 / 2.69    4.71 / 3.69
+# and end to end a batch-1 gguf decode step at context 650 took 9.2 ms against 11.7-13.4. So
+# 1-4 rows: the compiled decode step's whole range, which the layered forward must match. x
+# rounded to 8 bits instead (llama.cpp's Q8 activations; vpmaddubsw, ~8% faster) moved SmolLM2's
+# decode-path perplexity +2.4% (`bench/quant_fidelity.py`: its activations have 30x outliers
+# within a group of 32); 16 bits keep it at float32's. AVX-512 builds keep the float32 row
+# kernel (an 8-bit variant measured 1.0-1.3x at one row on a Zen 4, slower from two rows).
+# `RADIXKV_QUANT_X16=0` turns it off, `=1` on (any SIMD build).
+X16_MAX_ROWS = 4
+
 
 def blocked_min_rows_for(n: int, k: int) -> int:
     """From how many rows of x a [n, k] weight takes the blocked kernel (see the table)."""
@@ -106,6 +124,16 @@ def gemv_max_rows_for(gemm_dtype: torch.dtype) -> int:
 
 
 _gemm_dtype: torch.dtype | None = None
+
+
+def default_x16() -> bool:
+    """Whether decode-sized products (up to X16_MAX_ROWS rows) quantize x to int16 by default:
+    `RADIXKV_QUANT_X16` ("0" off, "1" on wherever the SIMD kernels are built), else where
+    measured faster (`quant_kernels.x16_preferred`: AVX2 builds without AVX-512)."""
+    env = os.environ.get("RADIXKV_QUANT_X16", "")
+    if env in ("0", "1"):
+        return env == "1" and quant_kernels.simd()
+    return quant_kernels.x16_preferred()
 
 
 def default_gemm_dtype() -> torch.dtype:
@@ -283,8 +311,9 @@ class QuantLinear(nn.Module):
     fused q/k/v whose parts a GGUF stores in different types).
 
     The kernel is picked by the rows M of x at run time (see `kernel_for`; the limits are
-    measured, module constants): M < `blocked_min_rows` runs the packed C++ row kernel, M <
-    `gemv_max_rows` the packed blocked kernel (both widen weights in registers / L1 only);
+    measured, module constants): M < `blocked_min_rows` runs the packed C++ row kernel (with
+    `x16`, for M <= X16_MAX_ROWS, on x quantized to int16 per group of 32), M < `gemv_max_rows`
+    the packed blocked kernel (both widen weights in registers / L1 only);
     larger M runs in `gemm_dtype` (bfloat16 where the CPU has native bf16 GEMMs, else float32):
     on CPUs with AVX512-BF16 the packed panel kernel (`panel`: x rounded to bf16, W widened to
     bf16 block by block in L2), else the weight widened (whole, or tile by tile for the
@@ -298,7 +327,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, segments: list[Segment], bias: torch.Tensor | None = None,
                  gemv_max_rows: int | None = None, blocked_min_rows: int | None = None,
-                 gemm_dtype: torch.dtype | None = None, panel: bool | None = None) -> None:
+                 gemm_dtype: torch.dtype | None = None, panel: bool | None = None,
+                 x16: bool | None = None) -> None:
         super().__init__()
         ks = {s.shape[1] for s in segments}
         if len(ks) != 1:
@@ -316,6 +346,8 @@ class QuantLinear(nn.Module):
         # products of gemv_max_rows rows or more: the panel kernel, where built (else widening
         # + torch's GEMM; panel=False forces that, for A/B runs)
         self.panel = bf16_ok if panel is None else bool(panel) and bf16_ok
+        # products of 1 .. X16_MAX_ROWS rows on the int16-activation row kernel (AVX2 builds)
+        self.x16 = default_x16() if x16 is None else bool(x16) and quant_kernels.simd()
         self.gemv_max_rows_bf16 = (gemv_max_rows if gemv_max_rows is not None
                                    else BF16X_GEMV_MAX_ROWS if bf16_ok else self.gemv_max_rows)
         self.blocked_min_rows_bf16 = (blocked_min_rows if blocked_min_rows is not None
@@ -371,7 +403,8 @@ class QuantLinear(nn.Module):
     def kernel_for(self, m: int, device: torch.device | None = None,
                    dtype: torch.dtype = torch.float32) -> str:
         """Which path a product with `m` rows of x in `dtype` takes: "packed-gemv" (the row
-        kernel), "packed-blocked" (for bf16 x where built: its vdpbf16ps variant),
+        kernel), "packed-gemv-x16" (the row kernel on x quantized to int16), "packed-blocked"
+        (for bf16 x where built: its vdpbf16ps variant),
         "packed-panel" (bf16 GEMM-sized products where built), "widen+gemm-float32" /
         "widen+gemm-bfloat16", or "reference" (no compiled kernels, or not on the CPU)."""
         dev = device if device is not None else next(iter(self.buffers())).device
@@ -379,7 +412,9 @@ class QuantLinear(nn.Module):
             return "reference"
         lo, hi = self.limits(dtype)
         if m < hi:
-            return "packed-gemv" if m < lo else "packed-blocked"
+            if m >= lo:
+                return "packed-blocked"
+            return "packed-gemv-x16" if self.x16 and m <= X16_MAX_ROWS else "packed-gemv"
         if self.panel:
             return "packed-panel"
         return f"widen+gemm-{str(self.gemm_dtype).replace('torch.', '')}"
@@ -394,6 +429,7 @@ class QuantLinear(nn.Module):
         if m >= hi:
             return self._panel(x, segs) if self.panel else self._gemm(x, segs)
         blocked = m >= lo
+        x16 = not blocked and self.x16 and m <= X16_MAX_ROWS
         # bf16 x feeds the bf16 blocked kernel as it is (vdpbf16ps), else widened to float32
         keep16 = blocked and x.dtype == torch.bfloat16 and quant_kernels.bf16_blocked()
         x32 = x if x.dtype == torch.float32 or keep16 else x.float()
@@ -409,7 +445,8 @@ class QuantLinear(nn.Module):
                 if isinstance(seg, torch.Tensor):
                     dst.copy_(F.linear(x32.float(), seg, bias))
                 else:
-                    quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked)
+                    quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked,
+                                        x16=x16)
                 off += rows
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 

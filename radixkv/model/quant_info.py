@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from radixkv.model import quant_kernels
-from radixkv.model.quant import QuantEmbedding, QuantLinear, QuantTensor, quantize, relative_error
+from radixkv.model.quant import (
+    X16_MAX_ROWS,
+    QuantEmbedding,
+    QuantLinear,
+    QuantTensor,
+    quantize,
+    relative_error,
+)
 
 
 # ---- what a loaded model runs -----------------------------------------------------------------
@@ -122,6 +129,8 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
                         and (lo, hi) != (lin.blocked_min_rows, lin.gemv_max_rows))
         into = "between products and into the blocked kernel; float32 in the row kernel" \
             if bf16_blocked else "between products; float32 in the packed kernels"
+        if lin.x16:
+            into += f" (int16 per group of 32 up to {X16_MAX_ROWS} rows)"
         big = "the panel kernel" if lin.panel else "the widened GEMM"
         info["activations"] = (f"{model_dtype} {into}, {gemm} in {big}" if ready
                                else model_dtype)
@@ -130,10 +139,16 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
                    "(C++ AVX512-BF16, OpenMP)" if bf16_blocked
                    else f"packed int4/int8 blocked kernel (C++ {isa}, OpenMP)")
         upper = f" < {hi}" if hi < 1 << 40 else ""
-        info["kernels"] = {
-            f"M < {lo}": f"packed int4/int8 row kernel (C++ {isa}, OpenMP)" if ready else ref,
-            f"{lo} <= M{upper}": blocked if ready else ref,
-        }
+        row = f"packed int4/int8 row kernel (C++ {isa}, OpenMP)"
+        if ready and lin.x16 and lo > 1:
+            x16_top = min(X16_MAX_ROWS, lo - 1)
+            info["kernels"] = {f"M <= {x16_top}": "packed int4/int8 row kernel on x quantized "
+                                                  f"to int16 per group of 32 (C++ {isa}, OpenMP)"}
+            if x16_top + 1 < lo:
+                info["kernels"][f"{x16_top} < M < {lo}"] = row
+        else:
+            info["kernels"] = {f"M < {lo}": row if ready else ref}
+        info["kernels"][f"{lo} <= M{upper}"] = blocked if ready else ref
         if hi < 1 << 40:
             info["kernels"][f"M >= {hi}"] = (
                 ref if not ready

@@ -22,17 +22,22 @@ FORMATS = {"int4": 0, "int8": 1}  # the kernel's `fmt` codes
 
 _simd = False  # built with SIMD code (read once the library loads)
 _bf16_blocked = False  # built with the bf16 blocked kernel (likewise)
+_x16_preferred = False  # the int16-activation row kernel is this build's default (likewise)
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def _read_simd(lib: ctypes.CDLL) -> None:
-    global _simd, _bf16_blocked
+    global _simd, _bf16_blocked, _x16_preferred
     lib.rkv_qgemm_simd.restype = ctypes.c_int64
     _simd = bool(lib.rkv_qgemm_simd())
-    fn = getattr(lib, "rkv_qgemm_bf16_blocked", None)
-    if fn is not None:
-        fn.restype = ctypes.c_int64
-        _bf16_blocked = bool(fn())
+    for name in ("rkv_qgemm_bf16_blocked", "rkv_qgemm_x16_preferred"):
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = ctypes.c_int64
+            if name == "rkv_qgemm_bf16_blocked":
+                _bf16_blocked = bool(fn())
+            else:
+                _x16_preferred = bool(fn())
 
 
 _LIB = LazyLibrary(_SRC, what="the quantized kernels", fallback="quantized layers use torch",
@@ -47,11 +52,22 @@ def available() -> bool:
     return _LIB.available()
 
 
-def qgemm_function() -> int:
+def qgemm_function(x16: bool = False) -> int:
     """The address of the built `rkv_qgemm` (the row kernel, for compiled callers such as
-    radixkv/model/decode_kernels.py), 0 when the kernels are not built."""
+    radixkv/model/decode_kernels.py), or with `x16` of `rkv_qgemm_x16` (same arguments: the
+    int16-activation row kernel; needs `simd()`), 0 when the kernels are not built."""
     lib = _LIB.get()
-    return 0 if lib is None else int(ctypes.cast(lib.rkv_qgemm, ctypes.c_void_p).value or 0)
+    if lib is None or (x16 and not _simd):
+        return 0
+    fn = lib.rkv_qgemm_x16 if x16 else lib.rkv_qgemm
+    return int(ctypes.cast(fn, ctypes.c_void_p).value or 0)
+
+
+def x16_preferred() -> bool:
+    """True where the int16-activation row kernel (`qgemm(..., x16=True)`) is the measured default
+    for decode-sized products: kernels built with AVX2 but without AVX-512. (Read once at
+    load.)"""
+    return simd() and _x16_preferred
 
 
 def simd() -> bool:
@@ -62,6 +78,7 @@ def simd() -> bool:
 _declared: set[str] = set()
 _EXTRA_ARGS = {  # entry points declared on first use (beside those of `_LIB`)
     "rkv_qgemm_blocked": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
+    "rkv_qgemm_x16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_dequant_bf16": ["i64"] * 3 + ["ptr"] * 3 + ["i64"] * 2,
     "rkv_qgemm_blocked_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_qgemm_panel_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 3,
@@ -100,7 +117,7 @@ def width() -> int:
 
 def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
           bias: torch.Tensor | None, out: torch.Tensor, blocked: bool = False,
-          panel: bool = False) -> torch.Tensor:
+          panel: bool = False, x16: bool = False) -> torch.Tensor:
     """out[M, N] = x[M, K] @ W.T (+ bias), W [N, K] packed as (qs, scales) in format `fmt`.
 
     x: float32 with unit last stride, or bfloat16 with `blocked` or `panel` where
@@ -111,6 +128,9 @@ def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
     register tile over them (faster from a few rows on; for bf16 x, W widened to bf16 and
     vdpbf16ps tiles); else the row kernel, which widens each group in registers once per 8
     rows of x (fastest for decode's 1-4 rows).
+    `x16` (float32 x, needs `simd()`): the row kernel on x quantized to int16 per group of 32
+    (scale max|x| / 32767, round to nearest even) and integer dot products; the faster one for
+    1-4 rows on AVX2-only CPUs (`x16_preferred`).
     `panel` (bf16 x only): the prefill-sized kernel, x repacked into K-pairs of 16 rows and
     outer-product vdpbf16ps tiles (no horizontal sums), W widened to bf16 in L2-sized blocks.
     """
@@ -130,6 +150,9 @@ def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
     if x.dtype == torch.bfloat16:
         assert blocked, "bf16 x needs the blocked kernel"
         fn = _fn(lib, "rkv_qgemm_blocked_bf16")
+    elif x16:
+        assert not blocked and _simd, "x16 is a row kernel of the SIMD build"
+        fn = _fn(lib, "rkv_qgemm_x16")
     else:
         fn = _fn(lib, "rkv_qgemm_blocked") if blocked else lib.rkv_qgemm
     code = fn(FORMATS[fmt], m, out.shape[1], k, x.data_ptr(), x.stride(0),

@@ -12,7 +12,9 @@
 // Why widen in registers instead of quantizing the activations too (as llama.cpp's int8 dot
 // products do): the result is then the float32 product with the very weights a dequantized model
 // uses, so the quantized model differs from the widened one only by summation order. A decode
-// step (M = 1) is bound by the bytes of weight read: 4.6x fewer than float32 for int4.
+// step (M = 1) is bound by the bytes of weight read: 4.6x fewer than float32 for int4. The
+// exception: on AVX2-only CPUs, where widening (not bytes) bounds the row kernel, decode-sized
+// products may quantize x to int16 per group (rkv_qgemm_x16; error far below bf16's).
 //
 // For each output row n and each tile of up to 8 rows of x, a group of 32 weights is widened once
 // into four 8-float vectors and then multiplies every row of the tile, so the widening cost is
@@ -202,6 +204,145 @@ void row_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, const 
     case 5: tile<F, 5>(xm, ldx, qs, sc, n, groups, r); break;
     case 6: tile<F, 6>(xm, ldx, qs, sc, n, groups, r); break;
     case 7: tile<F, 7>(xm, ldx, qs, sc, n, groups, r); break;
+    default: break;
+  }
+  for (int64_t i = 0; i < rest; ++i) y[(m + i) * ldy + n] = r[i] + b;
+}
+
+// ---- int16-activation row kernel (decode on AVX2-only CPUs) ------------------------------------
+// On AVX2 the float32 row kernel is bound by widening, not by bytes: per group of 32 int4
+// weights it spends ~14 instructions turning nibbles into floats for 4 FMAs per row of x. Here
+// x is quantized to int16 per group of 32: xq = round(x * 32767 / max|x|), dx = max|x| / 32767,
+// plus the group's exact float sum sx, so a group's dot product is integer:
+//   int4: sum_j (d q_j + m) x_j ~= d dx sum_j q_j xq_j + m sx
+//   int8: sum_j d q_j x_j       ~= d dx sum_j q_j xq_j
+// with sum_j q_j xq_j from two vpmaddwd (16-bit products summed in pairs into int32: at most
+// 4 * 127 * 32767 < 2^31) on the weights zero- or sign-extended to 16 bits, then one convert and
+// one FMA by d dx. x's rounding is 1/65534 of its group's largest |x|: below bf16's rounding of
+// each element even for groups with a 30x outlier (SmolLM2's down_proj inputs reach |x| ~2800).
+// 8-bit x (llama.cpp's Q8 activations; one vpmaddubsw, ~8% faster here) was measured and left
+// out: on SmolLM2 it moved decode-path perplexity +2.4% against float32 (outlier groups leave
+// the other 31 values a few levels each).
+struct X16 {
+  const int16_t* q;  // [M, K]
+  const float* d;    // [M, K/32] dx
+  const float* s;    // [M, K/32] sx
+};
+
+// x [M, K] (row stride ldx) quantized into per-thread buffers (grown as needed).
+X16 quantize_x16(int64_t M, int64_t K, const float* x, int64_t ldx) {
+  static thread_local std::vector<int16_t> codes;
+  static thread_local std::vector<float> sums;  // dx then sx, [2, M, K/32]
+  const int64_t groups = K / G;
+  if ((int64_t)codes.size() < M * K) codes.resize(M * K);
+  if ((int64_t)sums.size() < 2 * M * groups) sums.resize(2 * M * groups);
+  float* dx = sums.data();
+  float* sx = dx + M * groups;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* p = x + m * ldx + g * G;
+      __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(p + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], absmask));
+        sum = _mm256_add_ps(sum, v[j]);
+      }
+      __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+      a = _mm_max_ss(a, _mm_movehdup_ps(a));
+      __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+      s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      s = _mm_add_ss(s, _mm_movehdup_ps(s));
+      const float top = _mm_cvtss_f32(a), total = _mm_cvtss_f32(s);
+      // max_ps drops NaNs; the sum keeps them (and infinities): then the scale carries them
+      const bool finite = total - total == 0.0f;
+      const float inv = top > 0.0f && finite ? 32767.0f / top : 0.0f;
+      dx[m * groups + g] = finite ? top / 32767.0f : total;
+      sx[m * groups + g] = total;
+      const __m256 k = _mm256_set1_ps(inv);
+      __m256i i[4];
+      for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], k));  // nearest
+      int16_t* o = codes.data() + m * K + g * G;
+      for (int j = 0; j < 4; j += 2)  // packs interleaves 128-bit lanes; the permute undoes it
+        _mm256_storeu_si256((__m256i*)(o + 8 * j), _mm256_permute4x64_epi64(
+            _mm256_packs_epi32(i[j], i[j + 1]), 0xD8));
+    }
+  return {codes.data(), dx, sx};
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Rows 0 .. MT of the quantized x times row n of W (two accumulators per row, even and odd
+// groups, so the FMA chains overlap).
+template <int64_t F, int MT>
+inline void tile_x16(const X16& x, int64_t K, const uint8_t* qs, const uint16_t* sc, int64_t n,
+                     float* out /* [MT] */) {
+  const int64_t groups = K / G;
+  __m256 acc[MT][2];
+  float mins[MT];
+  for (int i = 0; i < MT; ++i) {
+    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    mins[i] = 0.0f;
+  }
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  auto group = [&](int64_t g, int a) __attribute__((always_inline)) {
+    const int64_t idx = n * groups + g;
+    __m256i w0, w1;  // elements 0 .. 15, 16 .. 31 as int16
+    float d, m = 0.0f;
+    if constexpr (F == INT4) {
+      const __m128i raw = _mm_loadu_si128((const __m128i*)(qs + idx * 16));
+      w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, nib));
+      w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), nib));
+      d = _cvtsh_ss(sc[idx * 2]);
+      m = _cvtsh_ss(sc[idx * 2 + 1]);
+    } else {
+      const int8_t* q = (const int8_t*)qs + idx * 32;
+      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)q));
+      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(q + 16)));
+      d = _cvtsh_ss(sc[idx]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; ++i) {
+      const int16_t* xp = x.q + i * K + g * G;
+      const __m256i p = _mm256_add_epi32(  // [8] int32
+          _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xp)),
+          _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xp + 16))));
+      acc[i][a] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i * groups + g]),
+                                  _mm256_cvtepi32_ps(p), acc[i][a]);
+      if constexpr (F == INT4) mins[i] += m * x.s[i * groups + g];
+    }
+  };
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    group(g, 0);
+    group(g + 1, 1);
+  }
+  if (g < groups) group(g, 0);
+  for (int i = 0; i < MT; ++i) out[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1])) + mins[i];
+}
+
+template <int64_t F>
+void row_all_m_x16(int64_t M, const X16& x, int64_t K, const uint8_t* qs, const uint16_t* sc,
+                   int64_t n, float* y, int64_t ldy, float b) {
+  const int64_t groups = K / G;
+  float r[4];
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {  // tiles of 4 rows (5+ rows: the float row kernel is as fast)
+    const X16 t{x.q + m * K, x.d + m * groups, x.s + m * groups};
+    tile_x16<F, 4>(t, K, qs, sc, n, r);
+    for (int i = 0; i < 4; ++i) y[(m + i) * ldy + n] = r[i] + b;
+  }
+  const X16 t{x.q + m * K, x.d + m * groups, x.s + m * groups};
+  const int64_t rest = M - m;
+  switch (rest) {
+    case 1: tile_x16<F, 1>(t, K, qs, sc, n, r); break;
+    case 2: tile_x16<F, 2>(t, K, qs, sc, n, r); break;
+    case 3: tile_x16<F, 3>(t, K, qs, sc, n, r); break;
     default: break;
   }
   for (int64_t i = 0; i < rest; ++i) y[(m + i) * ldy + n] = r[i] + b;
@@ -682,6 +823,40 @@ int64_t rkv_qgemm(int64_t fmt, int64_t M, int64_t N, int64_t K, const float* x, 
   }
   return OK;
 }
+
+// The same product with x quantized to int16 per group of 32 (see tile_x16): the faster row
+// kernel for 1-4 rows of x on AVX2-only CPUs (bench/quant_kernels.py). NO_KERNEL (3) when built
+// without AVX2. Same arguments as rkv_qgemm (the compiled decode step calls either). x is
+// quantized by the calling thread before the parallel loop. Returns a Status.
+int64_t rkv_qgemm_x16(int64_t fmt, int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
+                     const uint8_t* qs, const uint16_t* sc, const float* bias, float* y,
+                     int64_t ldy, int64_t nthreads) {
+  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
+  if (M < 0 || N < 0 || K <= 0 || K % G != 0 || ldx < K || ldy < N) return BAD_SHAPE;
+#if RKV_AVX2
+  if (M == 0) return OK;
+  const X16 xq = quantize_x16(M, K, x, ldx);
+  const int nt = threads_for(M * N * K, nthreads);
+  (void)nt;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const float b = bias ? bias[n] : 0.0f;
+    if (fmt == INT4)
+      row_all_m_x16<INT4>(M, xq, K, qs, sc, n, y, ldy, b);
+    else
+      row_all_m_x16<INT8>(M, xq, K, qs, sc, n, y, ldy, b);
+  }
+  return OK;
+#else
+  (void)x; (void)qs; (void)sc; (void)bias; (void)y; (void)nthreads;
+  return 3;
+#endif
+}
+
+// 1 where rkv_qgemm_x16 is the measured default for decode rows: built with AVX2 but without
+// AVX-512 (there the float32 row kernel's 16-float vectors keep up: 1.0-1.3x at one row on a
+// Zen 4, slower from two), else 0.
+int64_t rkv_qgemm_x16_preferred() { return RKV_AVX2 && !RKV_AVX512; }
 
 // The same product by the blocked kernel (the faster one from ~8 rows of x on; see
 // bench/quant_kernels.py). Without AVX2 it is the scalar row code. Returns a Status.
