@@ -306,16 +306,18 @@ def test_kernel_choice_by_shape() -> None:
     native = quant.native_half_matmul(torch.bfloat16)
     assert d.gemm_dtype == (torch.bfloat16 if native else torch.float32)
     assert d.gemv_max_rows == quant.gemv_max_rows_for(d.gemm_dtype)
-    assert d.blocked_min_rows == quant.BLOCKED_MIN_ROWS < d.gemv_max_rows
+    lo = quant.BLOCKED_MIN_ROWS_AVX2 if qk.width() == 8 else quant.BLOCKED_MIN_ROWS
+    assert d.blocked_min_rows == lo < d.gemv_max_rows
     assert d.kernel_for(1) == ("packed-gemv-x16" if d.x16 else "packed-gemv")
-    assert d.kernel_for(quant.BLOCKED_MIN_ROWS) == "packed-blocked"
+    assert d.kernel_for(lo - 1) == "packed-gemv" and d.kernel_for(lo) == "packed-blocked"
     if native:
         assert d.kernel_for(quant.GEMV_MAX_ROWS_BF16) == (
             "packed-panel" if qk.bf16_blocked() else "widen+gemm-bfloat16")
         assert QuantLinear([qt], panel=False).kernel_for(512) == "widen+gemm-bfloat16"
-    # without native bf16: the blocked kernel up to any M with AVX-512, fp32 GEMM from 64 else
+    # without native bf16: the blocked kernel (AVX-512) or the float32 panel kernel (AVX2) up
+    # to any M
     f32 = QuantLinear([qt], gemm_dtype=torch.float32)
-    assert f32.gemv_max_rows == (1 << 62 if qk.width() >= 16 else quant.GEMV_MAX_ROWS_AVX2)
+    assert f32.gemv_max_rows == 1 << 62 and f32.kernel_for(4096) == "packed-blocked"
     # bf16 x: the bf16 blocked kernel's limits where it is built, else the float32 ones
     if qk.bf16_blocked():
         assert d.limits(torch.bfloat16) == (quant.BF16X_BLOCKED_MIN_ROWS,

@@ -60,12 +60,34 @@ QUANTIZATION_MODES = ("int4", "int8", "gguf")
 # CPU has native bf16 GEMMs, widening to bf16 + torch's GEMM is level with it at ~28-48 rows and
 # 2-3x faster at prefill sizes (activations rounded to bf16 there; see bench/quant_fidelity.py).
 # So: rows kernel below 16 rows, blocked kernel below 32 (bf16 GEMM from 32 on) with native
-# bf16, else the blocked kernel at every M. Builds without AVX-512 (AVX2 only, measured in an
-# earlier session on a Zen 3: torch's fp32 GEMM overtook the row kernel between 32 and 64 rows)
-# hand M >= 64 to the widened float32 GEMM.
+# bf16, else the blocked kernel at every M.
+#
+# Builds without AVX-512 (AVX2 only) run the float32 panel kernel (csrc/qgemv.cpp
+# `panel32_product`: x in K-major panels of 16 rows, 16 x 6 outer-product tiles) in the blocked
+# kernel's place. Measured on a 2-core Zen 3 (EPYC, AVX2, no AVX-512) with the same bench, ms:
+#
+#   shape (int4)  path                  M=8    10     12     16     32     64     128    512
+#   960x576       rows                  0.107  0.158  0.149  0.183  0.410  0.847  1.838  9.443
+#                 panel                 0.168  0.181  0.156  0.150  0.227  0.461  0.785  3.076
+#                 widen fp32 + GEMM     0.522  0.414  0.465  0.455  0.537  0.771  1.071  3.489
+#                 fp32 F.linear         0.373  0.301  0.342  0.325  0.400  0.611  1.010  3.624
+#   3072x576      rows                  0.274  0.399  0.438  0.572  1.347  2.682  5.676  30.30
+#                 panel                 0.402  0.476  0.431  0.410  0.709  1.312  2.518  9.773
+#                 widen fp32 + GEMM     0.991  1.044  1.160  1.311  1.921  2.458  3.812  11.20
+#   576x1536      rows                  0.160  0.222  0.242  0.320  0.636  1.353  3.383  14.41
+#                 panel                 0.225  0.217  0.210  0.206  0.359  0.661  1.274  5.000
+#                 widen fp32 + GEMM     0.539  0.526  0.519  0.573  0.721  1.029  1.657  5.447
+#   49152x576     rows                  4.302  7.106  7.029  8.728  20.48  41.12  97.26
+#   (LM head)     panel                 6.367  6.323  6.265  6.327  11.02  20.62  39.98
+#
+# The panel kernel pads M to a multiple of 16 rows, so the row kernel keeps up to ~12 rows; from
+# there the panel wins at every M, against widening + torch's float32 GEMM and even against the
+# unquantized model's F.linear (it runs at the FMA peak when the widening is left out). So on
+# AVX2 builds: rows below 12, the panel kernel from 12 rows on, at every M.
 BLOCKED_MIN_ROWS = 16
+BLOCKED_MIN_ROWS_AVX2 = 12  # the panel kernel, AVX2 builds
 GEMV_MAX_ROWS_BF16 = 32  # with native bf16 GEMMs
-GEMV_MAX_ROWS_AVX2 = 64  # kernels without AVX-512 and a float32 GEMM
+GEMV_MAX_ROWS_AVX2 = 1 << 62  # AVX2 builds and a float32 GEMM: the panel kernel at every M
 GEMV_MAX_ROWS = GEMV_MAX_ROWS_AVX2  # (former name)
 # Widened tiles of at most this many elements (4 MiB as float32) for weights larger than
 # WIDEN_MAX_ELEMS (the LM head): large enough for the GEMM to run at speed, small enough that no
@@ -112,8 +134,9 @@ X16_MAX_ROWS = 4
 
 
 def blocked_min_rows_for(n: int, k: int) -> int:
-    """From how many rows of x a [n, k] weight takes the blocked kernel (see the table)."""
-    return BLOCKED_MIN_ROWS
+    """From how many rows of x a [n, k] weight takes the blocked kernel, or on AVX2 builds the
+    float32 panel kernel in its place (see the tables)."""
+    return BLOCKED_MIN_ROWS_AVX2 if quant_kernels.width() == 8 else BLOCKED_MIN_ROWS
 
 
 def gemv_max_rows_for(gemm_dtype: torch.dtype) -> int:

@@ -137,6 +137,9 @@ def kernel_info(model: nn.Module, report: QuantReport | None = None) -> dict[str
         info["gemm_dtype"] = gemm if ready else "float32"
         blocked = ("packed int4/int8 blocked kernel, W widened to bf16 in L1, vdpbf16ps tiles "
                    "(C++ AVX512-BF16, OpenMP)" if bf16_blocked
+                   else "packed int4/int8 panel kernel, x in K-major panels of 16 rows, W "
+                        "widened to float32 in blocks, 16 x 6 outer-product tiles (C++ AVX2+FMA, "
+                        "OpenMP)" if quant_kernels.width() == 8
                    else f"packed int4/int8 blocked kernel (C++ {isa}, OpenMP)")
         upper = f" < {hi}" if hi < 1 << 40 else ""
         row = f"packed int4/int8 row kernel (C++ {isa}, OpenMP)"
