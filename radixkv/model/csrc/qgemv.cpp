@@ -278,16 +278,17 @@ inline float hsum256(__m256 v) {
 }
 
 // Rows 0 .. MT of the quantized x times row n of W (two accumulators per row, even and odd
-// groups, so the FMA chains overlap).
+// groups, so the FMA chains overlap; also for the scalar m * sx sums, whose one chain per row
+// had bound the loop: 12.1 -> 9.0-9.7 ms for 30 layers at one row on one Zen 3 core).
 template <int64_t F, int MT>
 inline void tile_x16(const X16& x, int64_t K, const uint8_t* qs, const uint16_t* sc, int64_t n,
                      float* out /* [MT] */) {
   const int64_t groups = K / G;
   __m256 acc[MT][2];
-  float mins[MT];
+  float mins[MT][2];
   for (int i = 0; i < MT; ++i) {
     acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    mins[i] = 0.0f;
+    mins[i][0] = mins[i][1] = 0.0f;
   }
   const __m128i nib = _mm_set1_epi8(0x0F);
   auto group = [&](int64_t g, int a) __attribute__((always_inline)) {
@@ -314,7 +315,7 @@ inline void tile_x16(const X16& x, int64_t K, const uint8_t* qs, const uint16_t*
           _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xp + 16))));
       acc[i][a] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i * groups + g]),
                                   _mm256_cvtepi32_ps(p), acc[i][a]);
-      if constexpr (F == INT4) mins[i] += m * x.s[i * groups + g];
+      if constexpr (F == INT4) mins[i][a] += m * x.s[i * groups + g];
     }
   };
   int64_t g = 0;
@@ -323,7 +324,8 @@ inline void tile_x16(const X16& x, int64_t K, const uint8_t* qs, const uint16_t*
     group(g + 1, 1);
   }
   if (g < groups) group(g, 0);
-  for (int i = 0; i < MT; ++i) out[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1])) + mins[i];
+  for (int i = 0; i < MT; ++i)
+    out[i] = hsum256(_mm256_add_ps(acc[i][0], acc[i][1])) + (mins[i][0] + mins[i][1]);
 }
 
 template <int64_t F>
