@@ -651,41 +651,44 @@ constexpr int64_t P32_ROWS = 16;   // rows of x per panel (two 8-float vectors)
 constexpr int P32_COLS = 6;        // weight rows (output columns) per tile
 constexpr int64_t P32_BLOCK = 48;  // weight rows widened per block (8 tiles; 110 KB at K=576)
 
-// Rows 0 .. rows of x into xp [K][16], zero past `rows`.
+// Rows 0 .. rows of x into xp [K][8 RV], zero past `rows`.
+template <int RV>
 void pack_panel32(const float* x, int64_t ldx, int64_t rows, int64_t K, float* xp) {
+  constexpr int64_t R = 8 * RV;
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t r = 0; r < P32_ROWS; ++r) xp[k * P32_ROWS + r] = r < rows ? x[r * ldx + k] : 0.0f;
+    for (int64_t r = 0; r < R; ++r) xp[k * R + r] = r < rows ? x[r * ldx + k] : 0.0f;
 }
 
-// C output columns (weight rows w [C][K]) for the 16 rows of a panel: tile [C][16].
-template <int C>
+// C output columns (weight rows w [C][K]) for the 8 RV rows of a panel: tile [C][8 RV]. RV = 1
+// serves a last panel of at most 8 rows (~60% of a 16-row panel's time, not 100%).
+template <int RV, int C>
 inline void micro_panel32(const float* xp, const float* w, int64_t K, float* tile) {
-  __m256 acc[2][C];
-  for (int j = 0; j < C; ++j) acc[0][j] = acc[1][j] = _mm256_setzero_ps();
+  constexpr int64_t R = 8 * RV;
+  __m256 acc[RV][C];
+  for (int r = 0; r < RV; ++r)
+    for (int j = 0; j < C; ++j) acc[r][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 x0 = _mm256_loadu_ps(xp + k * P32_ROWS);
-    const __m256 x1 = _mm256_loadu_ps(xp + k * P32_ROWS + 8);
+    __m256 xv[RV];
+    for (int r = 0; r < RV; ++r) xv[r] = _mm256_loadu_ps(xp + k * R + 8 * r);
 #pragma GCC unroll 6
     for (int j = 0; j < C; ++j) {
       const __m256 wb = _mm256_broadcast_ss(w + j * K + k);
-      acc[0][j] = _mm256_fmadd_ps(x0, wb, acc[0][j]);
-      acc[1][j] = _mm256_fmadd_ps(x1, wb, acc[1][j]);
+      for (int r = 0; r < RV; ++r) acc[r][j] = _mm256_fmadd_ps(xv[r], wb, acc[r][j]);
     }
   }
-  for (int j = 0; j < C; ++j) {
-    _mm256_storeu_ps(tile + j * P32_ROWS, acc[0][j]);
-    _mm256_storeu_ps(tile + j * P32_ROWS + 8, acc[1][j]);
-  }
+  for (int j = 0; j < C; ++j)
+    for (int r = 0; r < RV; ++r) _mm256_storeu_ps(tile + j * R + 8 * r, acc[r][j]);
 }
 
+template <int RV>
 inline void micro_panel32_cols(int c, const float* xp, const float* w, int64_t K, float* tile) {
   switch (c) {
-    case 6: micro_panel32<6>(xp, w, K, tile); break;
-    case 5: micro_panel32<5>(xp, w, K, tile); break;
-    case 4: micro_panel32<4>(xp, w, K, tile); break;
-    case 3: micro_panel32<3>(xp, w, K, tile); break;
-    case 2: micro_panel32<2>(xp, w, K, tile); break;
-    case 1: micro_panel32<1>(xp, w, K, tile); break;
+    case 6: micro_panel32<RV, 6>(xp, w, K, tile); break;
+    case 5: micro_panel32<RV, 5>(xp, w, K, tile); break;
+    case 4: micro_panel32<RV, 4>(xp, w, K, tile); break;
+    case 3: micro_panel32<RV, 3>(xp, w, K, tile); break;
+    case 2: micro_panel32<RV, 2>(xp, w, K, tile); break;
+    case 1: micro_panel32<RV, 1>(xp, w, K, tile); break;
     default: break;
   }
 }
@@ -708,7 +711,10 @@ int64_t panel32_product(int64_t fmt, int64_t M, int64_t N, int64_t K, const floa
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t rows = M - p * P32_ROWS < P32_ROWS ? M - p * P32_ROWS : P32_ROWS;
-      pack_panel32(x + p * P32_ROWS * ldx, ldx, rows, K, xp + p * P32_ROWS * K);
+      if (rows > 8)
+        pack_panel32<2>(x + p * P32_ROWS * ldx, ldx, rows, K, xp + p * P32_ROWS * K);
+      else
+        pack_panel32<1>(x + p * P32_ROWS * ldx, ldx, rows, K, xp + p * P32_ROWS * K);
     }  // (the loop's barrier: every panel is packed before any block uses it)
     static thread_local std::vector<float> wbuf;
     if ((int64_t)wbuf.size() < P32_BLOCK * K) wbuf.resize(P32_BLOCK * K);
@@ -724,11 +730,15 @@ int64_t panel32_product(int64_t fmt, int64_t M, int64_t N, int64_t K, const floa
         const int64_t rows = M - p * P32_ROWS < P32_ROWS ? M - p * P32_ROWS : P32_ROWS;
         for (int64_t j = 0; j < nb; j += P32_COLS) {
           const int c = (int)(nb - j < P32_COLS ? nb - j : P32_COLS);
-          micro_panel32_cols(c, xp + p * P32_ROWS * K, wbuf.data() + j * K, K, tile);
+          const int64_t R = rows > 8 ? 16 : 8;  // the panel's height as packed
+          if (R == 16)
+            micro_panel32_cols<2>(c, xp + p * P32_ROWS * K, wbuf.data() + j * K, K, tile);
+          else
+            micro_panel32_cols<1>(c, xp + p * P32_ROWS * K, wbuf.data() + j * K, K, tile);
           float* yp = y + p * P32_ROWS * ldy + n0 + j;
           for (int64_t r = 0; r < rows; ++r)
             for (int t = 0; t < c; ++t)
-              yp[r * ldy + t] = tile[t * P32_ROWS + r] + (bias ? bias[n0 + j + t] : 0.0f);
+              yp[r * ldy + t] = tile[t * R + r] + (bias ? bias[n0 + j + t] : 0.0f);
         }
       }
     }
