@@ -215,3 +215,33 @@ def test_packed_model_fingerprint_and_weight_bytes_match_plain(tmp_path: Path) -
     assert lin.packed is None
     assert weights_fingerprint(lm.model) == packed_fp
     assert packed_bytes >= weight_bytes(lm.model) * 0.99
+
+
+@pytest.mark.parametrize("n,k", [(1, 8), (37, 64), (130, 96), (50, 1536)])
+def test_bf16_weight_panel_matches_float_product(n: int, k: int) -> None:
+    """bf16 weights on CPUs without native bf16 GEMMs (AVX2 builds): the float32 panel kernel,
+    widening W block by block, gives the float32 product of the exactly widened weight (sums in
+    another order only), and `linear` rounds it to bf16 as the upcast path does."""
+    from radixkv.model import quant_kernels
+    from radixkv.model.layers import linear
+
+    if not quant_kernels.bf16w_available():
+        pytest.skip("the float32 panel kernel is built on AVX2 CPUs without AVX-512 only")
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    for m in (0, 1, 4, 7, 8, 9, 16, 17, 33, 70):
+        x = torch.randn(m, 2 * k, generator=gen)[:, ::2]  # strided rows and columns
+        x32 = x.contiguous()
+        ref = F.linear(x32.double(), w.double(), bias.double())
+        wide = torch.full((m, n + 3), 7.0)
+        quant_kernels.gemm_bf16w(x32, w, bias, wide[:, 1:1 + n])
+        mass = F.linear(x32.abs().double(), w.abs().double()) + bias.abs().double()
+        assert ((wide[:, 1:1 + n].double() - ref).abs() <= 1e-5 * mass + 1e-6).all()
+        assert (wide[:, 0] == 7).all() and (wide[:, 1 + n:] == 7).all()
+        if m >= 4:  # linear's upcast range: bf16 in, bf16 out, within one bf16 rounding
+            xb = x.bfloat16()
+            got = linear(xb, w, bias.bfloat16(), upcast_min_rows=4)
+            want = F.linear(xb.float(), w.float(), bias.bfloat16().float())
+            assert got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=8e-3)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixkv.model import linear_kernels, norm_kernels, swiglu_kernels
+from radixkv.model import linear_kernels, norm_kernels, quant_kernels, swiglu_kernels
 from radixkv.model.config import ModelConfig, rope_inv_freq
 
 
@@ -44,6 +44,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return linear_kernels.linear(x, weight, bias)
     if upcast_min_rows and x.shape[0] >= upcast_min_rows:
         b = None if bias is None else bias.float()
+        if (weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and weight.is_contiguous() and weight.shape[1] % 8 == 0
+                and quant_kernels.bf16w_available()):
+            # the float32 panel kernel widening W block by block (AVX2 builds): the same
+            # float32 products without a float32 copy of the weight per call
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+            x32 = x.float()
+            if x32.stride(-1) != 1:
+                x32 = x32.contiguous()
+            return quant_kernels.gemm_bf16w(x32, weight, b, out).to(x.dtype)
         return F.linear(x.float(), weight.float(), b).to(x.dtype)
     return F.linear(x, weight, bias)
 

@@ -79,6 +79,7 @@ _declared: set[str] = set()
 _EXTRA_ARGS = {  # entry points declared on first use (beside those of `_LIB`)
     "rkv_qgemm_blocked": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_qgemm_x16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
+    "rkv_gemm_bf16w": ["i64"] * 3 + ["ptr", "i64"] + ["ptr"] * 3 + ["i64"] * 2,
     "rkv_dequant_bf16": ["i64"] * 3 + ["ptr"] * 3 + ["i64"] * 2,
     "rkv_qgemm_blocked_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 2,
     "rkv_qgemm_panel_bf16": ["i64"] * 4 + ["ptr", "i64"] + ["ptr"] * 4 + ["i64"] * 3,
@@ -160,6 +161,36 @@ def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
               out.data_ptr(), out.stride(0), torch.get_num_threads())
     if code:
         raise RuntimeError(f"rkv_qgemm failed with code {code}")
+    return out
+
+
+_bf16w: bool | None = None  # rkv_gemm_bf16w built (probed once)
+
+
+def bf16w_available() -> bool:
+    """True where `gemm_bf16w` runs (the float32 panel kernel: AVX2 builds without AVX-512)."""
+    global _bf16w
+    if _bf16w is None:
+        lib = _LIB.get()
+        _bf16w = lib is not None and _fn(lib, "rkv_gemm_bf16w")(
+            0, 0, 8, None, 8, None, None, None, 0, 1) == 0
+    return _bf16w
+
+
+def gemm_bf16w(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+               out: torch.Tensor) -> torch.Tensor:
+    """out[M, N] = x[M, K] @ w.T (+ bias) for a dense bfloat16 w [N, K] (contiguous, K a
+    multiple of 8), float32 x (unit last stride), bias and out: the float32 panel kernel with w
+    widened block by block, exactly, instead of a float32 copy of the whole weight. Needs
+    `bf16w_available()`; the caller checks shapes."""
+    lib = _LIB.get()
+    assert lib is not None and w.dtype == torch.bfloat16 and x.dtype == torch.float32
+    code = _fn(lib, "rkv_gemm_bf16w")(
+        x.shape[0], w.shape[0], w.shape[1], x.data_ptr(), x.stride(0), w.data_ptr(),
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0),
+        torch.get_num_threads())
+    if code:
+        raise RuntimeError(f"rkv_gemm_bf16w failed with code {code}")
     return out
 
 

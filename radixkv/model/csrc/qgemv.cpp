@@ -45,7 +45,7 @@ namespace {
 
 constexpr int64_t G = 32;  // weights per group
 
-enum Fmt : int64_t { INT4 = 0, INT8 = 1 };
+enum Fmt : int64_t { INT4 = 0, INT8 = 1, BF16 = 2 };  // BF16: dense rows, the fp32 panel only
 enum Status : int64_t { OK = 0, BAD_FMT = 1, BAD_SHAPE = 2 };
 
 inline float half_to_float(uint16_t h) {
@@ -693,11 +693,22 @@ inline void micro_panel32_cols(int c, const float* xp, const float* w, int64_t K
   }
 }
 
+// Rows n0 .. n0 + nb of a dense bfloat16 W [N, K] (K a multiple of 8) widened into buf [nb, K].
+void widen_block_bf16w(const uint16_t* w, int64_t n0, int64_t nb, int64_t K, float* buf) {
+  for (int64_t r = 0; r < nb; ++r)
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m128i h = _mm_loadu_si128((const __m128i*)(w + (n0 + r) * K + k));
+      _mm256_storeu_ps(buf + r * K + k, _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+}
+
 int64_t panel32_product(int64_t fmt, int64_t M, int64_t N, int64_t K, const float* x,
                         int64_t ldx, const uint8_t* qs, const uint16_t* sc, const float* bias,
                         float* y, int64_t ldy, int64_t nthreads) {
-  if (fmt != INT4 && fmt != INT8) return BAD_FMT;
-  if (M < 0 || N < 0 || K <= 0 || K % G != 0 || ldx < K || ldy < N) return BAD_SHAPE;
+  if (fmt != INT4 && fmt != INT8 && fmt != BF16) return BAD_FMT;
+  if (M < 0 || N < 0 || K <= 0 || K % (fmt == BF16 ? 8 : G) != 0 || ldx < K || ldy < N)
+    return BAD_SHAPE;
   if (M == 0) return OK;
   const int64_t panels = (M + P32_ROWS - 1) / P32_ROWS;
   static thread_local std::vector<float> xbuf;  // grown, never shrunk: no page faults per call
@@ -724,8 +735,10 @@ int64_t panel32_product(int64_t fmt, int64_t M, int64_t N, int64_t K, const floa
       const int64_t n0 = bi * P32_BLOCK, nb = N - n0 < P32_BLOCK ? N - n0 : P32_BLOCK;
       if (fmt == INT4)
         widen_block<INT4>(qs, sc, n0, nb, K, wbuf.data());
-      else
+      else if (fmt == INT8)
         widen_block<INT8>(qs, sc, n0, nb, K, wbuf.data());
+      else
+        widen_block_bf16w((const uint16_t*)qs, n0, nb, K, wbuf.data());
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t rows = M - p * P32_ROWS < P32_ROWS ? M - p * P32_ROWS : P32_ROWS;
         for (int64_t j = 0; j < nb; j += P32_COLS) {
@@ -1000,6 +1013,23 @@ int64_t rkv_qgemm_x16(int64_t fmt, int64_t M, int64_t N, int64_t K, const float*
   return OK;
 #else
   (void)x; (void)qs; (void)sc; (void)bias; (void)y; (void)nthreads;
+  return 3;
+#endif
+}
+
+// y[M, N] = x[M, K] @ W^T (+ bias) for a dense bfloat16 W [N, K] (uint16 bits, rows contiguous,
+// K a multiple of 8), float32 x / y: the float32 panel kernel with W widened block by block
+// (exact) instead of a whole float32 copy per product; for bf16 models on CPUs without native
+// bf16 GEMMs. NO_KERNEL (3) on builds without it (AVX-512 or no AVX2). Returns a Status.
+int64_t rkv_gemm_bf16w(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
+                       const uint16_t* w, const float* bias, float* y, int64_t ldy,
+                       int64_t nthreads) {
+#if RKV_AVX2 && !RKV_AVX512
+  return panel32_product(BF16, M, N, K, x, ldx, (const uint8_t*)w, nullptr, bias, y, ldy,
+                         nthreads);
+#else
+  (void)M; (void)N; (void)K; (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy;
+  (void)nthreads;
   return 3;
 #endif
 }
