@@ -20,11 +20,13 @@ from radixkv.model import decode_kernels, linear_kernels, rope_kernels
 from radixkv.model.config import ModelConfig
 from radixkv.model.context import ForwardContext, get_forward_context
 from radixkv.model.layers import (
+    BF16W_PANEL_MIN_ROWS,
     Linear,
     RMSNorm,
     RotaryEmbedding,
     SwiGLUMLP,
     apply_rotary,
+    bf16w_panel,
     linear,
     native_half_matmul,
     onednn_available,
@@ -169,6 +171,13 @@ class LlamaForCausalLM(nn.Module):
                   and os.environ.get("RADIXKV_ONEDNN", "1") != "0")
         fast_rows = (linear_kernels.choose_max_rows(p.dtype, native)
                      if fast and cpu and not packed else 0)
+        # bf16 without native bf16 on AVX2 builds: the float32 panel kernel from
+        # BF16W_PANEL_MIN_ROWS rows, the LM head included (it widens block by block, so the
+        # head's whole-weight conversion cost that kept it off the upcast path below 64 rows
+        # is gone)
+        panel = fast and upcast and bf16w_panel(p.dtype)
+        if panel:
+            fast_rows = min(fast_rows, BF16W_PANEL_MIN_ROWS - 1)
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.fused = fast  # the one-pass kernel of norm_kernels (CPU only)
@@ -183,7 +192,7 @@ class LlamaForCausalLM(nn.Module):
                     m.unpack()
                 m.upcast_min_rows = 4 if upcast else 0
                 m.fast_max_rows = fast_rows
-        self.lm_head_upcast_rows = 64 if upcast else 0
+        self.lm_head_upcast_rows = (4 if panel else 64) if upcast else 0
         self.lm_head_fast_rows = fast_rows
         self.lm_head_packed = None
         if packed and self.quant_head is None:
@@ -197,6 +206,9 @@ class LlamaForCausalLM(nn.Module):
         # AVX-512 Zen, ~55% on an AVX2-only EPYC.
         self.decode_step = decode_kernels.DecodeStep.build(self) if fast and cpu else None
         self.cpu_kernel = ("oneDNN prepacked" if packed
+                           else f"skinny C++ kernel for 2-{fast_rows} rows, float32 panel "
+                                f"kernel on bf16 weights from {BF16W_PANEL_MIN_ROWS}"
+                           if panel
                            else f"skinny C++ kernel for 2-{fast_rows} rows, else torch"
                            if fast_rows else "torch F.linear")
         if self.decode_step is not None:
