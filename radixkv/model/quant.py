@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -460,18 +461,26 @@ class QuantLinear(nn.Module):
             x32 = x32.contiguous()
         out = torch.empty(m, self.out_features, dtype=torch.float32)
         if m:
-            off = 0
-            for seg, rows in zip(segs, self._rows, strict=True):
-                dst = out if len(segs) == 1 else out[:, off:off + rows]
-                bias = (None if self.bias is None
-                        else self.bias if len(segs) == 1 else self.bias[off:off + rows])
+            for seg, dst, bias in self._parts(segs, out):
                 if isinstance(seg, torch.Tensor):
                     dst.copy_(F.linear(x32.float(), seg, bias))
                 else:
                     quant_kernels.qgemm(seg.fmt, x32, seg.qs, seg.scales, bias, dst, blocked,
                                         x16=x16)
-                off += rows
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def _parts(self, segs: list[Segment], out: torch.Tensor
+               ) -> Iterator[tuple[Segment, torch.Tensor, torch.Tensor | None]]:
+        """Each segment with its column slice of `out` [M, N] and of the bias (None without
+        one): where its product goes."""
+        off = 0
+        for seg, rows in zip(segs, self._rows, strict=True):
+            whole = len(segs) == 1
+            dst = out if whole else out[:, off:off + rows]
+            bias = (None if self.bias is None
+                    else self.bias if whole else self.bias[off:off + rows])
+            yield seg, dst, bias
+            off += rows
 
     def _panel(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:
         """GEMM-sized products on the panel kernel: x rounded to bf16 (as the widened GEMM rounds
@@ -483,16 +492,11 @@ class QuantLinear(nn.Module):
         want = torch.bfloat16 if self.gemm_out else x.dtype
         out_dt = want if want in (torch.float32, torch.bfloat16) else torch.float32
         out = torch.empty(x.shape[0], self.out_features, dtype=out_dt)
-        off = 0
-        for seg, rows in zip(segs, self._rows, strict=True):
-            dst = out if len(segs) == 1 else out[:, off:off + rows]
-            bias = (None if self.bias is None
-                    else self.bias if len(segs) == 1 else self.bias[off:off + rows])
+        for seg, dst, bias in self._parts(segs, out):
             if isinstance(seg, torch.Tensor):
                 dst.copy_(F.linear(xb.float(), seg, bias))
             else:
                 quant_kernels.qgemm(seg.fmt, xb, seg.qs, seg.scales, bias, dst, panel=True)
-            off += rows
         return out if out.dtype == want else out.to(want)
 
     def _gemm(self, x: torch.Tensor, segs: list[Segment]) -> torch.Tensor:

@@ -28,16 +28,17 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 def _read_simd(lib: ctypes.CDLL) -> None:
     global _simd, _bf16_blocked, _x16_preferred
-    lib.rkv_qgemm_simd.restype = ctypes.c_int64
-    _simd = bool(lib.rkv_qgemm_simd())
-    for name in ("rkv_qgemm_bf16_blocked", "rkv_qgemm_x16_preferred"):
+
+    def flag(name: str) -> bool:  # a build flag entry point; False where it is missing
         fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype = ctypes.c_int64
-            if name == "rkv_qgemm_bf16_blocked":
-                _bf16_blocked = bool(fn())
-            else:
-                _x16_preferred = bool(fn())
+        if fn is None:
+            return False
+        fn.restype = ctypes.c_int64
+        return bool(fn())
+
+    _simd = flag("rkv_qgemm_simd")
+    _bf16_blocked = flag("rkv_qgemm_bf16_blocked")
+    _x16_preferred = flag("rkv_qgemm_x16_preferred")
 
 
 _LIB = LazyLibrary(_SRC, what="the quantized kernels", fallback="quantized layers use torch",
@@ -125,10 +126,11 @@ def qgemm(fmt: str, x: torch.Tensor, qs: torch.Tensor, scales: torch.Tensor,
     `bf16_blocked()`; out: float32 [M, N] view with unit last stride (it may be a column slice
     of a wider tensor), or bfloat16 with `panel`; bias: float32 [N] or None. Caller checks
     shapes.
-    `blocked`: the kernel that widens blocks of W into L1 once for all M rows and runs a 4 x 3
-    register tile over them (faster from a few rows on; for bf16 x, W widened to bf16 and
-    vdpbf16ps tiles); else the row kernel, which widens each group in registers once per 8
-    rows of x (fastest for decode's 1-4 rows).
+    `blocked`: the kernel that widens blocks of W once for all M rows: a 4 x 6 register tile
+    over an L1-sized block on AVX-512 builds (for bf16 x, W widened to bf16 and vdpbf16ps
+    tiles), the float32 panel kernel (16 x 6 outer-product tiles) on AVX2 builds; faster from
+    a dozen rows on. Else the row kernel, which widens each group in registers once per 8 rows
+    of x (fastest for decode's 1-4 rows).
     `x16` (float32 x, needs `simd()`): the row kernel on x quantized to int16 per group of 32
     (scale max|x| / 32767, round to nearest even) and integer dot products; the faster one for
     1-4 rows on AVX2-only CPUs (`x16_preferred`).

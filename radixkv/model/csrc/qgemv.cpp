@@ -225,21 +225,17 @@ void row_all_m(int64_t M, const float* x, int64_t ldx, const uint8_t* qs, const 
 // the other 31 values a few levels each).
 struct X16 {
   const int16_t* q;  // [M, K]
-  const float* d;    // [M, K/32] dx
-  const float* s;    // [M, K/32] sx
   const float* ds;   // [M, K/32, 2] (dx, sx) interleaved, as int4 scales store (d, m)
 };
 
 // x [M, K] (row stride ldx) quantized into per-thread buffers (grown as needed).
 X16 quantize_x16(int64_t M, int64_t K, const float* x, int64_t ldx) {
   static thread_local std::vector<int16_t> codes;
-  static thread_local std::vector<float> sums;  // dx, sx, then both interleaved: [4, M, K/32]
+  static thread_local std::vector<float> sums;  // (dx, sx) pairs: [M, K/32, 2]
   const int64_t groups = K / G;
   if ((int64_t)codes.size() < M * K) codes.resize(M * K);
-  if ((int64_t)sums.size() < 4 * M * groups) sums.resize(4 * M * groups);
-  float* dx = sums.data();
-  float* sx = dx + M * groups;
-  float* ds = sx + M * groups;
+  if ((int64_t)sums.size() < 2 * M * groups) sums.resize(2 * M * groups);
+  float* ds = sums.data();
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < groups; ++g) {
@@ -260,8 +256,8 @@ X16 quantize_x16(int64_t M, int64_t K, const float* x, int64_t ldx) {
       // max_ps drops NaNs; the sum keeps them (and infinities): then the scale carries them
       const bool finite = total - total == 0.0f;
       const float inv = top > 0.0f && finite ? 32767.0f / top : 0.0f;
-      dx[m * groups + g] = ds[2 * (m * groups + g)] = finite ? top / 32767.0f : total;
-      sx[m * groups + g] = ds[2 * (m * groups + g) + 1] = total;
+      ds[2 * (m * groups + g)] = finite ? top / 32767.0f : total;
+      ds[2 * (m * groups + g) + 1] = total;
       const __m256 k = _mm256_set1_ps(inv);
       __m256i i[4];
       for (int j = 0; j < 4; ++j) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], k));  // nearest
@@ -270,7 +266,7 @@ X16 quantize_x16(int64_t M, int64_t K, const float* x, int64_t ldx) {
         _mm256_storeu_si256((__m256i*)(o + 8 * j), _mm256_permute4x64_epi64(
             _mm256_packs_epi32(i[j], i[j + 1]), 0xD8));
     }
-  return {codes.data(), dx, sx, ds};
+  return {codes.data(), ds};
 }
 
 inline float hsum256(__m256 v) {
@@ -315,9 +311,9 @@ inline void tile_x16(const X16& x, int64_t K, const uint8_t* qs, const uint16_t*
       const __m256i p = _mm256_add_epi32(  // [8] int32
           _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i*)xp)),
           _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i*)(xp + 16))));
-      acc[i][a] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[i * groups + g]),
-                                  _mm256_cvtepi32_ps(p), acc[i][a]);
-      if constexpr (F == INT4) mins[i][a] += m * x.s[i * groups + g];
+      const float* dsx = x.ds + 2 * (i * groups + g);  // (dx, sx)
+      acc[i][a] = _mm256_fmadd_ps(_mm256_set1_ps(d * dsx[0]), _mm256_cvtepi32_ps(p), acc[i][a]);
+      if constexpr (F == INT4) mins[i][a] += m * dsx[1];
     }
   };
   // int4, two groups at a time: their four float16 scales (d0, m0, d1, m1) widened by one
@@ -375,11 +371,11 @@ void row_all_m_x16(int64_t M, const X16& x, int64_t K, const uint8_t* qs, const 
   float r[4];
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) {  // tiles of 4 rows (5+ rows: the float row kernel is as fast)
-    const X16 t{x.q + m * K, x.d + m * groups, x.s + m * groups, x.ds + 2 * m * groups};
+    const X16 t{x.q + m * K, x.ds + 2 * m * groups};
     tile_x16<F, 4>(t, K, qs, sc, n, r);
     for (int i = 0; i < 4; ++i) y[(m + i) * ldy + n] = r[i] + b;
   }
-  const X16 t{x.q + m * K, x.d + m * groups, x.s + m * groups, x.ds + 2 * m * groups};
+  const X16 t{x.q + m * K, x.ds + 2 * m * groups};
   const int64_t rest = M - m;
   switch (rest) {
     case 1: tile_x16<F, 1>(t, K, qs, sc, n, r); break;
@@ -390,20 +386,18 @@ void row_all_m_x16(int64_t M, const X16& x, int64_t K, const uint8_t* qs, const 
   for (int64_t i = 0; i < rest; ++i) y[(m + i) * ldy + n] = r[i] + b;
 }
 
-// ---- blocked kernel (a few dozen rows of x) ---------------------------------------------------
+#if RKV_AVX512
+// ---- blocked kernel (a few dozen rows of x; AVX-512 builds) ------------------------------------
 // The row kernel widens every group once per 8 rows of x and then needs one load of x per FMA,
 // so from ~8-16 rows on it runs at the load ports' rate, not the FMA units'. This one widens a
 // block of NB weight rows once into a per-thread float32 buffer that stays in L1 (NB * K * 4
 // bytes <= BLOCK_BYTES), then sweeps all M rows of x over it with an MR x NR register tile: per
 // vector of K, MR loads of x + NR of W feed MR * NR independent FMAs (accumulators + NR weight
-// vectors + one x vector fill the register file: 16 ymm for 4 x 3, 32 zmm for 4 x 6), and the
-// widening is shared by all M rows.
+// vectors + one x vector fill the 32 zmm registers for 4 x 6), and the widening is shared by
+// all M rows. AVX2 builds run the float32 panel kernel in its place (panel32_product; the 4 x 3
+// tile that fits 16 ymm registers ran at ~42% of the FMA peak on a Zen 3).
 constexpr int MR = 4;
-#if RKV_AVX512
 constexpr int NR = 6;
-#else
-constexpr int NR = 3;
-#endif
 constexpr int64_t BLOCK_BYTES = 16 << 10;  // the widened block; with a 4-row x tile it fits L1
 
 template <int R, int C>
@@ -435,11 +429,9 @@ template <int R>
 inline void micro_cols(int c, const float* x, int64_t ldx, const float* w, int64_t K, float* y,
                        int64_t ldy, const float* b) {
   switch (c) {
-#if RKV_AVX512
     case 6: micro<R, 6>(x, ldx, w, K, y, ldy, b); break;
     case 5: micro<R, 5>(x, ldx, w, K, y, ldy, b); break;
     case 4: micro<R, 4>(x, ldx, w, K, y, ldy, b); break;
-#endif
     case 3: micro<R, 3>(x, ldx, w, K, y, ldy, b); break;
     case 2: micro<R, 2>(x, ldx, w, K, y, ldy, b); break;
     case 1: micro<R, 1>(x, ldx, w, K, y, ldy, b); break;
@@ -457,6 +449,7 @@ inline void micro_any(int r, int c, const float* x, int64_t ldx, const float* w,
     default: break;
   }
 }
+#endif  // RKV_AVX512
 
 // Group `idx` widened and rounded to bfloat16 (nearest even) into o[0 .. 32).
 template <int64_t F>
@@ -569,7 +562,8 @@ int threads_for(int64_t work, int64_t nthreads) {
 }
 
 #if RKV_AVX2
-// Rows n0 .. n0 + nb of W widened into `buf` [nb, K]: float32, or bf16 (the bf16 blocked kernel).
+// Rows n0 .. n0 + nb of W widened into `buf` [nb, K]: float32 (the blocked and the float32 panel
+// kernels), or bf16 (the bf16 blocked kernel).
 template <int64_t F>
 void widen_block(const uint8_t* qs, const uint16_t* sc, int64_t n0, int64_t nb, int64_t K,
                  float* buf) {
@@ -591,6 +585,7 @@ void widen_block(const uint8_t* qs, const uint16_t* sc, int64_t n0, int64_t nb, 
       widen_bf16<F>(qs, sc, (n0 + r) * groups + g, buf + r * K + g * G);
 }
 
+#if RKV_AVX512
 // Rows n0 .. n0 + nb of W times all M rows of x (T: float, or bf16 bits with the bf16 blocked
 // kernel), through the widened buffer `buf` [nb, K] of the same type.
 template <int64_t F, typename T>
@@ -637,6 +632,7 @@ int64_t blocked_product(int64_t fmt, int64_t M, int64_t N, int64_t K, const T* x
   }
   return OK;
 }
+#endif  // RKV_AVX512
 
 #if !RKV_AVX512
 // ---- panel kernel for float32 x (AVX2 builds: the blocked range and up) ----------------------
