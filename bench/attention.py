@@ -223,8 +223,12 @@ def main() -> None:
     if fused:
         t_f = timed(paged_ext(scattered, cpu_kernels.extend), iters) * per
         row("    fused kernel for every request, scattered", t_f, flops, "GFLOP", t_c)
-    print("  (a)/(b) use the dispatcher: requests this big run SDPA on K/V gathered per request;"
-          " smaller ones the fused kernel")
+    if fused and cpu_kernels.outer_extend(d):
+        print("  (a)/(b) use the dispatcher: float K/V run the outer-product fused kernel at every"
+              " size (RADIXKV_CPU_EXTEND_DOT=1: the dot-product one, with SDPA for big requests)")
+    else:
+        print("  (a)/(b) use the dispatcher: requests this big run SDPA on K/V gathered per"
+              " request; smaller ones the fused kernel")
 
 
 if __name__ == "__main__":

@@ -291,8 +291,11 @@ def test_half_kv_long_context(dtype: torch.dtype, threads: int) -> None:
     assert _err(out, _exact_decode(qd, lay, 0.125)) <= TOL[dtype]
 
 
-def test_eight_wide_kernels_still_match_the_reference() -> None:
-    # RADIXKV_CPU_AVX512=0 runs the 8-wide kernels (those of AVX2-only machines) here too.
+@pytest.mark.parametrize("extend_dot", ["0", "1"], ids=["outer-product", "dot-product"])
+def test_eight_wide_kernels_still_match_the_reference(extend_dot: str) -> None:
+    # RADIXKV_CPU_AVX512=0 runs the 8-wide kernels (those of AVX2-only machines) here too;
+    # RADIXKV_CPU_EXTEND_DOT=1 the dot-product extend (float K/V otherwise take the 8-wide
+    # outer-product one, quantized K/V always the dot-product one).
     _skip_unbuilt("cpp")
     code = (
         "import torch\n"
@@ -314,7 +317,7 @@ def test_eight_wide_kernels_still_match_the_reference() -> None:
         "        assert (o.double() - ref).abs().max() <= tol, (dt, d, grp)\n"
         "print('8-wide ok')\n"
     )
-    env = dict(os.environ, RADIXKV_CPU_AVX512="0")
+    env = dict(os.environ, RADIXKV_CPU_AVX512="0", RADIXKV_CPU_EXTEND_DOT=extend_dot)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

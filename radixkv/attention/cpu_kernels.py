@@ -48,20 +48,32 @@ _vector_width = 8  # floats per vector in the built kernels (read once they load
 
 
 _wide = False  # the 16-wide AVX-512 kernels are built and enabled
+_outer = False  # float K/V extends run on an outer-product kernel (16- or 8-wide)
 
 
 def _read_width(lib: ctypes.CDLL) -> None:
-    global _vector_width, _wide
+    global _vector_width, _wide, _outer
     lib.rkv_vector_width.restype = ctypes.c_int64
     _vector_width = int(lib.rkv_vector_width())
     lib.rkv_wide_kernels.restype = ctypes.c_int64
     _wide = bool(lib.rkv_wide_kernels())
+    lib.rkv_outer_extend.restype = ctypes.c_int64
+    _outer = bool(lib.rkv_outer_extend())
 
 
 def wide(head_dim: int) -> bool:
     """Whether float K/V of this head_dim run on the 16-wide AVX-512 kernels (built here and
     not turned off with RADIXKV_CPU_AVX512=0)."""
     return available() and _wide and head_dim % 16 == 0
+
+
+def outer_extend(head_dim: int) -> bool:
+    """Whether extends of float K/V of this head_dim run on an outer-product kernel (the
+    16-wide one of `wide`, or the 8-wide one of AVX2 + FMA builds unless
+    RADIXKV_CPU_EXTEND_DOT=1): no horizontal sums, faster than SDPA at every size measured."""
+    if wide(head_dim):
+        return True
+    return available() and _outer and head_dim % 8 == 0
 
 
 _LIB = LazyLibrary(_SRC, what="the CPU attention kernels", fallback="using torch attention on CPU",

@@ -19,13 +19,16 @@ from radixkv.memory.kv_pool import set_quant_store_hook
 from radixkv.memory.kv_quant import is_quantized, kv_cache_dtype_name
 
 # A request with at least this many (query, key, query head) score entries runs its extend on
-# torch's SDPA (flash kernel on oneDNN/MKL GEMMs) over K/V gathered once; smaller ones go to the
-# fused kernel in one call, which has no per-request overhead. Measured single-threaded on the
-# 2-core AVX2 machine this was written on: the fused kernel wins below ~1.5M entries per
+# torch's SDPA (flash kernel on oneDNN/MKL GEMMs) over K/V gathered once, when the fused kernel
+# is the dot-product one (quantized K/V, RADIXKV_CPU_EXTEND_DOT=1, builds without AVX2 + FMA):
+# measured single-threaded on a 2-core AVX2 machine, that kernel won below ~1.5M entries per
 # request (short prompts: up to 1.4x), SDPA by 10-30% above ~4M (long cached prefixes).
-# The 16-wide AVX-512 kernels beat SDPA at every size measured (2-core Zen 5, 9 / 3 heads,
-# head_dim 64, fp32: 512 new tokens 1.1 vs 5.2 ms, 512 over 2048 cached 8.4 vs 22.6 ms, 2048
-# new 14.0 vs 41.1 ms; bf16 alike), so there every extend of float K/V stays on the kernel.
+# The outer-product kernels (cpu_kernels.outer_extend) beat SDPA at every size measured, so
+# with them every extend of float K/V stays on the kernel. 16-wide AVX-512 (2-core Zen 5, 9 / 3
+# heads, head_dim 64, fp32): 512 new tokens 1.1 vs 5.2 ms, 512 over 2048 cached 8.4 vs 22.6
+# ms, 2048 new 14.0 vs 41.1 ms; bf16 alike. 8-wide AVX2 (2-core Zen 3, same shapes, 2
+# threads): 512 new 3.6 vs 8.5 ms, 512 over 600 cached 8.7 vs 18.4, 512 over 2048 25.5 vs
+# 42.0, 2048 new 40.9 vs 61.7, 21 over 600 0.37 vs 0.77.
 _EXTEND_SDPA_WORK = 1 << 21
 
 
@@ -169,7 +172,7 @@ def _cpu_extend(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                 qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                 scale: float, sc: dict[str, torch.Tensor | None]) -> torch.Tensor:
     if q.shape[0] * kv_indices.shape[0] * q.shape[1] < _EXTEND_SDPA_WORK or (
-            sc["k_scale"] is None and cpu_kernels.wide(q.shape[-1])):
+            sc["k_scale"] is None and cpu_kernels.outer_extend(q.shape[-1])):
         # No request can reach the threshold: skip the per-request arithmetic below.
         return cpu_kernels.extend(q, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
                                   scale, **sc)

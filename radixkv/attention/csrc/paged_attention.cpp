@@ -937,22 +937,8 @@ int64_t extend_impl8(const Args& a) {
   return OK;
 }
 
-#ifdef __AVX512F__
-// ---- extend, 16 wide ------------------------------------------------------------------------
-// Same tasks as the 8-wide extend, but with no horizontal reductions anywhere:
-//  * the tile's queries are transposed once into qT [D][R] (R rows: r = gi * BM + qi, head
-//    major, so one vector holds 16 consecutive queries of one head), and each K block is
-//    gathered row-major into kt [BN][D]. Scores come out transposed, sT [t][r], from an
-//    outer-product micro-kernel: MT tokens x NVP row vectors of accumulators, per j one
-//    broadcast of kt[t][j] times the loaded qT[j][16 rows];
-//  * the online softmax runs down the token axis, 16 rows per vector (max, exp2, sum are
-//    element-wise; the causal mask is a lane mask);
-//  * acc [R][D] += P @ V with MR rows x NC column vectors of accumulators: per token one load
-//    of V's columns and MR broadcasts of p (read from sT), the running rescale folded into
-//    loading the accumulators.
-// The KV walk stops at the tile's last query, so the causal triangle costs only its diagonal
-// 16 x 16 corners.
-
+#ifdef __AVX2__
+// ---- extend without horizontal reductions: pieces shared by the 16- and 8-wide kernels -----
 constexpr int X_BN = 64;    // KV tokens per block
 constexpr int X_PAD = 16;   // spare rows after a block (the token micro-kernel's tail)
 
@@ -969,7 +955,56 @@ int64_t x_bm(const Args& a, int64_t g) {
     tiles += (a.qo_indptr[b + 1] - a.qo_indptr[b] + 31) / 32;
   }
   return tiles * a.hkv >= 8 * nthreads_of(a) ? 32 : 16;
-}  // >= 3 vectors
+}
+
+struct AlignedFloats {
+  float* p = nullptr;
+  explicit AlignedFloats(size_t n) {
+    p = (float*)std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+    std::memset(p, 0, n * sizeof(float));
+  }
+  AlignedFloats(AlignedFloats&& o) noexcept : p(o.p) { o.p = nullptr; }
+  AlignedFloats(const AlignedFloats&) = delete;
+  ~AlignedFloats() { std::free(p); }
+};
+
+struct XWs {
+  AlignedFloats qT, sT, kt, vt, acc, m, l, alpha;
+};
+
+// Prefetches the K and V rows of head hk of up to X_BN slots idx[0 .. n).
+template <typename T>
+inline void x_prefetch_rows(const Args& a, const T* kb, const T* vb, int64_t hk, int64_t d,
+                            const int64_t* idx, int64_t n) {
+  if (n > X_BN) n = X_BN;
+  for (int64_t t = 0; t < n; ++t) {
+    const char* kp = (const char*)(kb + idx[t] * a.k_ss + hk * a.k_sh);
+    const char* vp = (const char*)(vb + idx[t] * a.v_ss + hk * a.v_sh);
+    for (int64_t off = 0; off < d * (int64_t)sizeof(T); off += 64) {
+      _mm_prefetch(kp + off, _MM_HINT_T0);
+      _mm_prefetch(vp + off, _MM_HINT_T0);
+    }
+  }
+}
+
+#endif  // __AVX2__
+
+#ifdef __AVX512F__
+// ---- extend, 16 wide ------------------------------------------------------------------------
+// Same tasks as the 8-wide extend, but with no horizontal reductions anywhere:
+//  * the tile's queries are transposed once into qT [D][R] (R rows: r = gi * BM + qi, head
+//    major, so one vector holds 16 consecutive queries of one head), and each K block is
+//    gathered row-major into kt [BN][D]. Scores come out transposed, sT [t][r], from an
+//    outer-product micro-kernel: MT tokens x NVP row vectors of accumulators, per j one
+//    broadcast of kt[t][j] times the loaded qT[j][16 rows];
+//  * the online softmax runs down the token axis, 16 rows per vector (max, exp2, sum are
+//    element-wise; the causal mask is a lane mask);
+//  * acc [R][D] += P @ V with MR rows x NC column vectors of accumulators: per token one load
+//    of V's columns and MR broadcasts of p (read from sT), the running rescale folded into
+//    loading the accumulators.
+// The KV walk stops at the tile's last query, so the causal triangle costs only its diagonal
+// 16 x 16 corners.
+
 constexpr int x_mt(int nvp) { return nvp >= 4 ? 6 : nvp == 3 ? 8 : nvp == 2 ? 12 : 16; }
 
 // s[u * R + 16 v + i] = sum_j qT[j * R + 16 v + i] * kt[u * D + j] for u < MT, v < NVP.
@@ -1047,36 +1082,6 @@ inline void x_pv_rows(float* acc, int64_t D, const float* sT, int64_t R, const f
     case 2: x_pv_cols<2>(o, D, sT + r, R, vt, n, alpha + r); break;
     case 1: x_pv_cols<1>(o, D, sT + r, R, vt, n, alpha + r); break;
     default: break;
-  }
-}
-
-struct AlignedFloats {
-  float* p = nullptr;
-  explicit AlignedFloats(size_t n) {
-    p = (float*)std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
-    std::memset(p, 0, n * sizeof(float));
-  }
-  AlignedFloats(AlignedFloats&& o) noexcept : p(o.p) { o.p = nullptr; }
-  AlignedFloats(const AlignedFloats&) = delete;
-  ~AlignedFloats() { std::free(p); }
-};
-
-struct XWs {
-  AlignedFloats qT, sT, kt, vt, acc, m, l, alpha;
-};
-
-// Prefetches the K and V rows of head hk of up to X_BN slots idx[0 .. n).
-template <typename T>
-inline void x_prefetch_rows(const Args& a, const T* kb, const T* vb, int64_t hk, int64_t d,
-                            const int64_t* idx, int64_t n) {
-  if (n > X_BN) n = X_BN;
-  for (int64_t t = 0; t < n; ++t) {
-    const char* kp = (const char*)(kb + idx[t] * a.k_ss + hk * a.k_sh);
-    const char* vp = (const char*)(vb + idx[t] * a.v_ss + hk * a.v_sh);
-    for (int64_t off = 0; off < d * (int64_t)sizeof(T); off += 64) {
-      _mm_prefetch(kp + off, _MM_HINT_T0);
-      _mm_prefetch(vp + off, _MM_HINT_T0);
-    }
   }
 }
 
@@ -1195,11 +1200,226 @@ int64_t x_extend_impl(const Args& a) {
 }
 #endif  // __AVX512F__
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define RKV_Y_EXTEND 1
+// ---- extend, 8 wide without reductions (AVX2 + FMA) ----------------------------------------
+// The 16-wide kernel's scheme (see above) on 8-float vectors, for AVX2 CPUs and for AVX-512
+// ones with RADIXKV_CPU_AVX512=0: queries transposed once per tile into qT [D][R], scores as
+// outer products into sT [t][r], the online softmax down the token axis 8 rows per vector, and
+// acc += P @ V from broadcasts of sT. The dot-product extend above (a horizontal reduction per
+// 2 x 4 scores) stays for quantized KV. Register budgets (16 ymm): scores 6 tokens x 2 row
+// vectors (12 accumulators, 2 q loads, 1 broadcast), P @ V 6 rows x 2 column vectors.
+// 2-core Zen 3, 2 threads, 9 query / 3 KV heads, D = 64, 512 new tokens over 600 cached, 30
+// layers (bench/attention.py --batch 1 --context 1112 --extend-prefix 600 --extend-layers 30):
+// 284 ms (107 GFLOP/s) against 506 for the dot-product kernel and 420-470 for contiguous SDPA;
+// the engine's 512-token prefill spent 155-170 ms in attention before, 115-127 after.
+constexpr int y_mt(int nvp) { return nvp >= 2 ? 6 : 12; }
+
+// RADIXKV_CPU_EXTEND_DOT=1 in the environment selects the dot-product extend instead (tests
+// compare the two).
+bool y_extend_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("RADIXKV_CPU_EXTEND_DOT");
+    return !(e && e[0] == '1');
+  }();
+  return on;
+}
+
+// s[u * R + 8 v + i] = sum_j qT[j * R + 8 v + i] * kt[u * D + j] for u < MT, v < NVP.
+template <int NVP, int MT, int DC>
+inline void y_qk(const float* qT, int64_t R, const float* kt, int64_t d_rt, float* s) {
+  const int64_t D = DC ? DC : d_rt;
+  __m256 acc[MT][NVP];
+  for (int u = 0; u < MT; ++u)
+    for (int v = 0; v < NVP; ++v) acc[u][v] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < D; ++j) {
+    __m256 qv[NVP];
+    for (int v = 0; v < NVP; ++v) qv[v] = _mm256_loadu_ps(qT + j * R + v * W);
+    for (int u = 0; u < MT; ++u) {
+      const __m256 kb = _mm256_broadcast_ss(kt + u * D + j);
+      for (int v = 0; v < NVP; ++v) acc[u][v] = _mm256_fmadd_ps(qv[v], kb, acc[u][v]);
+    }
+  }
+  for (int u = 0; u < MT; ++u)
+    for (int v = 0; v < NVP; ++v) _mm256_storeu_ps(s + u * R + v * W, acc[u][v]);
+}
+
+template <int NVP, int DC>
+inline void y_qk_block(const float* qT, int64_t R, const float* kt, int64_t d, int n, float* s) {
+  constexpr int MT = y_mt(NVP);
+  // The last group may run past n into the block's spare rows (finite values, results unused).
+  for (int t = 0; t < n; t += MT) y_qk<NVP, MT, DC>(qT, R, kt + t * d, d, s + t * R);
+}
+
+// o[i][c + 8 k] = o[i][...] * alpha[i] + sum_t s[t * R + i] * vt[t * D + c + 8 k], i < MR,
+// k < NC (o, s, alpha offset to the first row, vt to the first column).
+template <int MR, int NC>
+inline void y_pv(float* o, int64_t D, const float* s, int64_t R, const float* vt, int n,
+                 const float* alpha) {
+  __m256 acc[MR][NC];
+  for (int i = 0; i < MR; ++i) {
+    const __m256 al = _mm256_broadcast_ss(alpha + i);
+    for (int k = 0; k < NC; ++k)
+      acc[i][k] = _mm256_mul_ps(_mm256_loadu_ps(o + i * D + k * W), al);
+  }
+  for (int t = 0; t < n; ++t) {
+    __m256 vv[NC];
+    for (int k = 0; k < NC; ++k) vv[k] = _mm256_loadu_ps(vt + t * D + k * W);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 p = _mm256_broadcast_ss(s + t * R + i);
+      for (int k = 0; k < NC; ++k) acc[i][k] = _mm256_fmadd_ps(p, vv[k], acc[i][k]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int k = 0; k < NC; ++k) _mm256_storeu_ps(o + i * D + k * W, acc[i][k]);
+}
+
+template <int MR>
+inline void y_pv_cols(float* o, int64_t D, const float* s, int64_t R, const float* vt, int n,
+                      const float* alpha) {
+  int64_t c = 0;
+  for (; c + 2 * W <= D; c += 2 * W) y_pv<MR, 2>(o + c, D, s, R, vt + c, n, alpha);
+  if (c < D) y_pv<MR, 1>(o + c, D, s, R, vt + c, n, alpha);
+}
+
+// Rows r0 .. r1 of acc, 6 at a time.
+inline void y_pv_rows(float* acc, int64_t D, const float* sT, int64_t R, const float* vt, int n,
+                      const float* alpha, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + 6 <= r1; r += 6) y_pv_cols<6>(acc + r * D, D, sT + r, R, vt, n, alpha + r);
+  float* o = acc + r * D;
+  switch (r1 - r) {
+    case 5: y_pv_cols<5>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 4: y_pv_cols<4>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 3: y_pv_cols<3>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 2: y_pv_cols<2>(o, D, sT + r, R, vt, n, alpha + r); break;
+    case 1: y_pv_cols<1>(o, D, sT + r, R, vt, n, alpha + r); break;
+    default: break;
+  }
+}
+
+template <typename T, int DC>
+void y_extend_tile(const Args& a, int64_t bm, int64_t b, int64_t qt0, int64_t qt1, int64_t hk,
+                   XWs& w) {
+  const int64_t g = a.hq / a.hkv, d = DC ? DC : a.d, R = bm * g, NV = R / W;
+  const int64_t q_beg = a.qo_indptr[b], n_new = a.qo_indptr[b + 1] - q_beg;
+  const int64_t kv0 = a.kv_indptr[b], kv_len = a.kv_indptr[b + 1] - kv0;
+  const int64_t p0 = kv_len - n_new + qt0;  // position of the tile's first query
+  const int64_t nq = qt1 - qt0, kv_end = p0 + nq;  // the last query sees positions < kv_end
+  const float scale = (float)(a.sm_scale * 1.4426950408889634);
+  float *qT = w.qT.p, *sT = w.sT.p, *kt = w.kt.p, *vt = w.vt.p, *acc = w.acc.p;
+  float *m = w.m.p, *l = w.l.p, *alpha = w.alpha.p;
+  const T* kb = (const T*)a.k;
+  const T* vb = (const T*)a.v;
+  const T* qb = (const T*)a.q;
+  x_prefetch_rows(a, kb, vb, hk, d, a.kv_indices + kv0, kv_end);  // the first block
+  if (nq < bm) std::memset(qT, 0, sizeof(float) * d * R);  // rows past the tile score 0
+  alignas(32) float row[W];
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const T* src = qb + (q_beg + qt0 + qi) * a.q_sn + (hk * g + gi) * a.q_sh;
+      const int64_t r = gi * bm + qi;
+      for (int64_t j = 0; j < d; j += W) {
+        store(row, load(src + j) * splat(scale));
+        for (int i = 0; i < W; ++i) qT[(j + i) * R + r] = row[i];
+      }
+    }
+  for (int64_t r = 0; r < R; ++r) { m[r] = -__builtin_inff(); l[r] = 0.f; }
+  std::memset(acc, 0, sizeof(float) * R * d);
+  const __m256 ninf = _mm256_set1_ps(-__builtin_inff());
+  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t j0 = 0; j0 < kv_end; j0 += X_BN) {
+    const int n = (int)(kv_end - j0 < X_BN ? kv_end - j0 : X_BN);
+    const int64_t* idx = a.kv_indices + kv0 + j0;
+    // Pull the next block's scattered K/V rows toward the cache while this one computes.
+    x_prefetch_rows(a, kb, vb, hk, d, idx + X_BN, kv_end - j0 - X_BN);
+    for (int t = 0; t < n; ++t) {
+      const T* kp = kb + idx[t] * a.k_ss + hk * a.k_sh;
+      const T* vp = vb + idx[t] * a.v_ss + hk * a.v_sh;
+      for (int64_t j = 0; j < d; j += W) {
+        store(kt + t * d + j, load(kp + j));
+        store(vt + t * d + j, load(vp + j));
+      }
+    }
+    // Scores sT[t][r], two row vectors at a time (one at the end).
+    for (int64_t v = 0; v < NV; v += 2) {
+      if (NV - v >= 2)
+        y_qk_block<2, DC>(qT + v * W, R, kt, d, n, sT + v * W);
+      else
+        y_qk_block<1, DC>(qT + v * W, R, kt, d, n, sT + v * W);
+    }
+    // Causal mask and online softmax, 8 rows per vector.
+    for (int64_t v = 0; v < NV; ++v) {
+      float* s = sT + v * W;
+      const int64_t pos0 = p0 + (v * W) % bm;  // the position of the vector's first lane
+      // Token t hides lanes i < j0 + t - pos0 (whose query comes before it).
+      for (int64_t t = pos0 - j0 + 1 > 0 ? pos0 - j0 + 1 : 0; t < n; ++t) {
+        const int64_t k = j0 + t - pos0;
+        if (k >= W) {
+          _mm256_storeu_ps(s + t * R, ninf);
+        } else {
+          const __m256 hide = _mm256_cmp_ps(lane, _mm256_set1_ps((float)k), _CMP_LT_OQ);
+          _mm256_storeu_ps(s + t * R, _mm256_blendv_ps(_mm256_loadu_ps(s + t * R), ninf, hide));
+        }
+      }
+      __m256 mx = _mm256_loadu_ps(s);
+      for (int t = 1; t < n; ++t) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + t * R));
+      const __m256 m_old = _mm256_loadu_ps(m + v * W);
+      const __m256 m_new = _mm256_max_ps(m_old, mx);  // finite: token 0 is seen by every row
+      _mm256_storeu_ps(alpha + v * W, exp2v(_mm256_sub_ps(m_old, m_new)));
+      _mm256_storeu_ps(m + v * W, m_new);
+      __m256 ls = _mm256_setzero_ps();
+      for (int t = 0; t < n; ++t) {
+        const __m256 p = exp2v(_mm256_sub_ps(_mm256_loadu_ps(s + t * R), m_new));
+        _mm256_storeu_ps(s + t * R, p);
+        ls = _mm256_add_ps(ls, p);
+      }
+      _mm256_storeu_ps(l + v * W, _mm256_fmadd_ps(_mm256_loadu_ps(l + v * W),
+                                                  _mm256_loadu_ps(alpha + v * W), ls));
+    }
+    // acc = acc * alpha + P @ V on the tile's real rows.
+    if (nq == bm) {
+      y_pv_rows(acc, d, sT, R, vt, n, alpha, 0, R);
+    } else {
+      for (int64_t gi = 0; gi < g; ++gi)
+        y_pv_rows(acc, d, sT, R, vt, n, alpha, gi * bm, gi * bm + nq);
+    }
+  }
+  T* ob = (T*)a.o;
+  for (int64_t gi = 0; gi < g; ++gi)
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t r = gi * bm + qi;
+      const vf inv = splat(1.f / l[r]);
+      T* dst = ob + (q_beg + qt0 + qi) * a.o_sn + (hk * g + gi) * a.o_sh;
+      for (int64_t j = 0; j < d; j += W) store(dst + j, load(acc + r * d + j) * inv);
+    }
+}
+
+template <typename T, int DC>
+int64_t y_extend_impl(const Args& a) {
+  const int64_t g = a.hq / a.hkv, d = a.d, bm = x_bm(a, g), R = bm * g;
+  auto init = [&] {
+    return XWs{AlignedFloats((size_t)(d * R)), AlignedFloats((size_t)((X_BN + X_PAD) * R)),
+               AlignedFloats((size_t)((X_BN + X_PAD) * d)), AlignedFloats((size_t)(X_BN * d)),
+               AlignedFloats((size_t)(R * d)), AlignedFloats((size_t)R),
+               AlignedFloats((size_t)R), AlignedFloats((size_t)R)};
+  };
+  for_each_tile(a, bm, X_BN, init, [&](XWs& w, int64_t b, int64_t qt0, int64_t qt1, int64_t hk) {
+    y_extend_tile<T, DC>(a, bm, b, qt0, qt1, hk, w);
+  });
+  return OK;
+}
+#endif  // __AVX2__
+
 template <typename T, typename KT, int DV>
 int64_t extend_impl(const Args& a) {
 #ifdef __AVX512F__
   if (std::is_same<T, KT>::value && a.d % L == 0 && avx512_enabled())
     return x_extend_impl<T, DV * W>(a);
+#endif
+#ifdef RKV_Y_EXTEND
+  if (std::is_same<T, KT>::value && a.d % W == 0 && y_extend_enabled())
+    return y_extend_impl<T, DV * W>(a);
 #endif
   return extend_impl8<T, KT, DV>(a);
 }
@@ -1328,6 +1548,19 @@ int64_t rkv_vector_width() { return W; }
 int64_t rkv_wide_kernels() {
 #ifdef __AVX512F__
   return avx512_enabled() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// 1 when float K/V extends run on an outer-product kernel (16-wide, or 8-wide on AVX2 + FMA
+// unless RADIXKV_CPU_EXTEND_DOT=1; head_dim % 8 == 0), 0 when on the dot-product one.
+int64_t rkv_outer_extend() {
+#ifdef __AVX512F__
+  if (avx512_enabled()) return 1;
+#endif
+#ifdef RKV_Y_EXTEND
+  return y_extend_enabled() ? 1 : 0;
 #else
   return 0;
 #endif
