@@ -59,7 +59,7 @@ needs_kernels = pytest.mark.skipif(not qk.available(), reason="no C++ compiler f
 # ---- kernels vs dequantize-then-matmul --------------------------------------------------------
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
-@pytest.mark.parametrize("n,k", [(1, 32), (37, 64), (130, 96), (64, 320)])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 64), (130, 96), (64, 320), (50, 800)])
 def test_packed_kernels_match_reference(fmt: str, n: int, k: int) -> None:
     gen = torch.Generator().manual_seed(n * 1000 + k)
     qt = random_quant(fmt, n, k, gen)
